@@ -1,0 +1,176 @@
+"""The hardware ABI of the virtual devices, defined once.
+
+Both sides import this module: the device models in ``vdev`` and the drivers in the
+libOS. Nothing here does I/O; it only names offsets, sizes and values.
+
+A function exposes one PCI BAR (region 0) of two pages:
+
+* the **register page** (offset 0, 4 KiB), which the driver maps with ``mmap`` through the
+  vfio-user sparse-mmap capability; both sides read and write it directly;
+* the **doorbell page** (offset 4 KiB, 4 KiB), which is *not* mappable: the driver reaches it
+  only with a vfio-user REGION_WRITE message, so a doorbell write is a trapped access that
+  wakes the device host. The driver rings it only when the device has said, in the register
+  page, that it is asleep (AF_XDP ``need_wakeup``, virtio event suppression); while the
+  device polls, posting work costs the driver no system call at all.
+
+Descriptor rings and packet buffers live in the *driver's* memory (a memfd it registers
+with DMA_MAP); descriptors carry I/O virtual addresses (IOVAs) that the device translates
+through its DMA table, the IOMMU of this model.
+
+Register page, global block (offsets in bytes)::
+
+    off   size  field            written by  meaning
+    0x00  u32   magic            device      MAGIC_VNIC or MAGIC_VSIC
+    0x04  u32   abi_version      device      ABI_VERSION
+    0x08  u32   num_queues       device      queue pairs (VNIC) or request queues (VSIC)
+    0x0c  u32   max_ring_size    device      largest ring (a power of two)
+    0x10  u32   max_frame        device      largest frame (VNIC) / block size (VSIC)
+    0x14  u32   function_id      device      the function's number in its device
+    0x18  u8[6] mac              device      the function's MAC address
+    0x20  u32   ipv4             device      granted IPv4 address, network order
+    0x24  u32   status           device      STATUS_* bits
+    0x28  u64   iommu_faults     device      descriptors refused by the DMA check
+    0x30  u64   capacity_blocks  device      VSIC: size of the VSA in blocks
+
+Ring block ``RING_BASE + RING_STRIDE * ring_index``; the VNIC has rings RX0, TX0, RX1,
+TX1, ... (``ring_index = 2 * queue + direction``); the VSIC has request queue q at index q::
+
+    off   size  field            written by  meaning
+    0x00  u64   ring_iova        driver      where the descriptor array is (IOVA)
+    0x08  u32   ring_size        driver      entries, a power of two <= max_ring_size
+    0x0c  u32   enable           driver      1: the device may use the ring
+    0x10  u32   prod             driver      descriptors posted (free-running counter)
+    0x14  u32   cons             device      descriptors completed (free-running counter)
+    0x18  u32   device_asleep    device      1: the device will not look at prod until rung
+    0x1c  u32   irq_wanted       driver      1: the driver sleeps; raise the ring's IRQ
+    0x20  u32   error            device      RING_ERR_*: nonzero stops the ring
+    0x24  u32   reserved
+    0x28  u64   error_completions device     descriptors completed with a nonzero status
+
+The counters ``prod`` and ``cons`` only move forward (modulo 2**32, as in netmap and
+virtio). Descriptors in ``[cons, prod)`` belong to the device, the rest to the driver.
+A ``prod`` more than ``ring_size`` ahead of ``cons`` is a driver bug: the device sets
+``error`` to RING_ERR_INDEX and stops that ring only.
+
+Each descriptor is read once, into the device's private memory, and validated there; a
+driver that rewrites a descriptor after posting it changes nothing the device will act on.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+ABI_VERSION: Final = 1
+MAGIC_VNIC: Final = 0x4E585241  # "ARXN" read as little-endian bytes
+MAGIC_VSIC: Final = 0x53585241  # "ARXS"
+
+PAGE_SIZE: Final = 4096
+REGISTER_PAGE_OFFSET: Final = 0
+DOORBELL_PAGE_OFFSET: Final = PAGE_SIZE
+BAR0_SIZE: Final = 2 * PAGE_SIZE
+BAR0_INDEX: Final = 0
+
+# --- global block -----------------------------------------------------------------
+REG_MAGIC: Final = 0x00
+REG_ABI_VERSION: Final = 0x04
+REG_NUM_QUEUES: Final = 0x08
+REG_MAX_RING_SIZE: Final = 0x0C
+REG_MAX_FRAME: Final = 0x10
+REG_FUNCTION_ID: Final = 0x14
+REG_MAC: Final = 0x18
+REG_IPV4: Final = 0x20
+REG_STATUS: Final = 0x24
+REG_IOMMU_FAULTS: Final = 0x28
+REG_CAPACITY_BLOCKS: Final = 0x30
+
+STATUS_ENABLED: Final = 0x1
+STATUS_FAULT: Final = 0x2  # the device stopped this function (see the rings' error)
+
+# --- ring blocks ------------------------------------------------------------------
+RING_BASE: Final = 0x100
+RING_STRIDE: Final = 0x40
+MAX_RINGS: Final = (PAGE_SIZE - RING_BASE) // RING_STRIDE  # 60
+
+RING_IOVA: Final = 0x00
+RING_SIZE: Final = 0x08
+RING_ENABLE: Final = 0x0C
+RING_PROD: Final = 0x10
+RING_CONS: Final = 0x14
+RING_DEVICE_ASLEEP: Final = 0x18
+RING_IRQ_WANTED: Final = 0x1C
+RING_ERROR: Final = 0x20
+RING_ERROR_COMPLETIONS: Final = 0x28
+
+RING_ERR_NONE: Final = 0
+RING_ERR_INDEX: Final = 1  # prod ran more than ring_size ahead of cons
+RING_ERR_SETUP: Final = 2  # ring_iova/ring_size do not describe a mapped ring
+RING_ERR_UNMAPPED: Final = 3  # the memory under the ring was unmapped
+
+MIN_RING_SIZE: Final = 8
+MAX_RING_SIZE: Final = 4096
+
+# Doorbell page: one u32 per ring; the value written is the driver's new prod (it is a
+# hint, the device always reads prod from the register page).
+DOORBELL_STRIDE: Final = 4
+
+
+def ring_reg(ring_index: int, field: int) -> int:
+    """Offset in the register page of ``field`` of ring ``ring_index``."""
+    return RING_BASE + RING_STRIDE * ring_index + field
+
+
+def doorbell_offset(ring_index: int) -> int:
+    """Offset in BAR0 of the doorbell of ring ``ring_index`` (inside the doorbell page)."""
+    return DOORBELL_PAGE_OFFSET + DOORBELL_STRIDE * ring_index
+
+
+# --- VNIC descriptors -------------------------------------------------------------
+# One layout for RX and TX (16 bytes):
+#
+#   off size field     written by        meaning
+#   0   u64  iova      driver            buffer address (IOVA)
+#   8   u16  length    driver / device   TX: frame length; RX: buffer size, then frame length
+#   10  u16  flags     driver            0 (reserved)
+#   12  u16  status    device            DESC_* completion status
+#   14  u16  reserved
+VNIC_DESC: Final = struct.Struct("<QHHHH")
+VNIC_DESC_SIZE: Final = VNIC_DESC.size
+VNIC_DESC_LENGTH_OFFSET: Final = 8
+VNIC_DESC_STATUS_OFFSET: Final = 12
+
+RX: Final = 0
+TX: Final = 1
+
+VNIC_MAX_FRAME: Final = 1514  # Ethernet header + 1500-byte MTU, no FCS
+VNIC_BUFFER_SIZE: Final = 2048
+
+DESC_OK: Final = 0
+DESC_IOMMU_FAULT: Final = 1  # the buffer is not inside the function's DMA map
+DESC_BAD_LENGTH: Final = 2  # zero, too long, or larger than the buffer
+DESC_TX_FILTERED: Final = 3  # the frame's source fields were not granted (anti-spoofing)
+DESC_IO_ERROR: Final = 4  # VSIC: the backing store failed
+DESC_OUT_OF_RANGE: Final = 5  # VSIC: block range outside the VSA
+DESC_BAD_OPCODE: Final = 6  # VSIC: unknown operation
+DESC_MISALIGNED: Final = 7  # VSIC: buffer not aligned for direct I/O
+
+DESC_STATUS_NAMES: Final = {
+    DESC_OK: "ok",
+    DESC_IOMMU_FAULT: "iommu-fault",
+    DESC_BAD_LENGTH: "bad-length",
+    DESC_TX_FILTERED: "tx-filtered",
+    DESC_IO_ERROR: "io-error",
+    DESC_OUT_OF_RANGE: "out-of-range",
+    DESC_BAD_OPCODE: "bad-opcode",
+    DESC_MISALIGNED: "misaligned",
+}
+
+
+def vnic_ring_index(queue: int, direction: int) -> int:
+    return 2 * queue + direction
+
+
+# --- interrupts -------------------------------------------------------------------
+# The device raises MSI-X vector q (one per queue pair or request queue) by writing the
+# eventfd the driver registered with SET_IRQS; only when that ring's irq_wanted is set.
+IRQ_INDEX_MSIX: Final = 2
