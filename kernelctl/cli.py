@@ -1,0 +1,236 @@
+"""The ``kernelctl`` command: bring the control plane up and down, and look at it.
+
+    kernelctl up        start the daemon and the device host, build the topology (idempotent)
+    kernelctl down      remove every namespace, link, tc rule, process and file it made
+    kernelctl status    functions, filters and rate limits with their counters (-j: JSON)
+
+``--instance TAG`` selects a side-by-side instance with its own names (tests use this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kernelctl import tc, topology
+from kernelctl.client import ControlClient, ControlError
+from kernelctl.names import Topology
+from kernelctl.names import topology as topology_names
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+def _daemon_pid(topo: Topology) -> int | None:
+    try:
+        pid = int(topo.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"kernelctl.daemon" in cmdline else None
+
+
+def _reachable(topo: Topology) -> bool:
+    try:
+        with ControlClient(topo.control_socket, timeout=5.0) as client:
+            client.status()
+        return True
+    except (ControlError, OSError):
+        return False
+
+
+def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
+    if _reachable(topo):
+        print(f"kernelctl: instance {topo.tag or 'default'} is already up")
+        return 0
+    stale = _daemon_pid(topo)
+    if stale is not None:
+        os.kill(stale, signal.SIGKILL)
+    topo.run_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "kernelctl.daemon", "--instance", topo.tag]
+    if args.policy is not None:
+        argv += ["--policy", str(args.policy)]
+    if args.spin is not None:
+        argv += ["--spin", str(args.spin)]
+    log_path = topo.run_dir / "kernelctl.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            print(f"kernelctl: the daemon exited with {process.returncode}; its log:", file=sys.stderr)
+            print(log_path.read_text()[-4000:], file=sys.stderr)
+            return 1
+        if topo.control_socket.exists() and _reachable(topo):
+            print(
+                f"kernelctl: up (instance {topo.tag or 'default'}, pid {process.pid}): "
+                f"clients in netns {topo.client_netns} at {topo.client_ip}, VNIC {topo.vnic_ip}, "
+                f"baseline netns {topo.linux_netns} at {topo.linux_ip}"
+            )
+            return 0
+        time.sleep(0.1)
+    process.kill()
+    print("kernelctl: the daemon did not come up in time", file=sys.stderr)
+    return 1
+
+
+def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
+    pid = _daemon_pid(topo)
+    if _reachable(topo):
+        try:
+            with ControlClient(topo.control_socket, timeout=5.0) as client:
+                client.request("shutdown")
+        except (ControlError, OSError) as exc:
+            print(f"kernelctl: shutdown request failed ({exc}); stopping it by signal", file=sys.stderr)
+    if pid is not None:
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            try:
+                # Reap it if it is our child; otherwise just watch /proc.
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        if _daemon_pid(topo) == pid:
+            os.kill(pid, signal.SIGKILL)
+    # Whatever the daemon did or did not get to, leave nothing behind.
+    try:
+        tc.teardown(topo)
+    except Exception:
+        pass
+    topology.destroy(topo)
+    shutil.rmtree(topo.run_dir, ignore_errors=True)
+    print(f"kernelctl: down (instance {topo.tag or 'default'})")
+    return 0
+
+
+def _fmt_rate(bps: object) -> str:
+    if not isinstance(bps, int) or bps <= 0:
+        return "-"
+    for unit, scale in (("Gbit", 10**9), ("Mbit", 10**6), ("Kbit", 10**3)):
+        if bps >= scale:
+            return f"{bps / scale:g}{unit}"
+    return f"{bps}bit"
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def render_status(status: dict[str, Any]) -> str:
+    out = []
+    addresses = status.get("addresses", {})
+    out.append(
+        f"kernelctl instance {status.get('instance')} (pid {status.get('pid')}), policy {status.get('policy')}; "
+        f"client {addresses.get('client')}, vnic {addresses.get('vnic')}, linux {addresses.get('linux')}"
+    )
+    device = status.get("device") or {}
+    counters = {f["function_id"]: f.get("counters", {}) for f in device.get("functions", [])}
+    rows = []
+    for function in status.get("functions", []):
+        c = counters.get(function["function_id"], {})
+        rows.append(
+            [
+                function["function_id"],
+                function["owner_pid"],
+                function["owner_uid"],
+                function["name"] or "-",
+                ",".join(function["claims"]),
+                _fmt_rate(function["rx_bps"]),
+                _fmt_rate(function["tx_bps"]),
+                c.get("rx_packets", 0),
+                c.get("tx_packets", 0),
+                c.get("rx_no_buffer", 0) + c.get("rx_rate_dropped", 0) + c.get("rx_errors", 0),
+                c.get("tx_spoofed", 0),
+                c.get("iommu_faults", 0),
+            ]
+        )
+    out.append("\nFunctions")
+    out.append(
+        _table(
+            ["ID", "PID", "UID", "NAME", "CLAIMS", "RX-LIMIT", "TX-LIMIT", "RX-PKTS", "TX-PKTS", "RX-DROPS", "SPOOFED", "IOMMU-FAULTS"],
+            rows,
+        )
+        if rows
+        else "  (none)"
+    )
+    filters = device.get("filters", [])
+    if isinstance(filters, list) and filters:
+        out.append("\nFilters")
+        keys = [k for k in filters[0].keys()]
+        out.append(_table([k.upper() for k in keys], [[f.get(k, "") for k in keys] for f in filters]))
+    default = device.get("default_function")
+    if isinstance(default, dict):
+        out.append("\nDefault function (kernelctl's): " + ", ".join(f"{k} {v}" for k, v in default.items()))
+    wire = device.get("device")
+    if isinstance(wire, dict):
+        out.append("Wire: " + ", ".join(f"{k} {v}" for k, v in wire.items()))
+    classes = status.get("tc_classes", [])
+    out.append("\ntc classes (HTB; rx on the tap, tx on the ifb)")
+    if classes:
+        keys = list(classes[0].keys())
+        out.append(_table([k.upper() for k in keys], [[c.get(k, "") for k in keys] for c in classes]))
+    else:
+        out.append("  (none)")
+    if status.get("tc_missing"):
+        out.append(f"tc: {status['tc_missing']}")
+    return "\n".join(out)
+
+
+def cmd_status(topo: Topology, args: argparse.Namespace) -> int:
+    try:
+        with ControlClient(topo.control_socket, timeout=10.0) as client:
+            status = client.status()
+    except ControlError as exc:
+        print(f"kernelctl: {exc} (is it up? try 'kernelctl up')", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(render_status(status))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernelctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instance", default="", help="topology instance tag (default: the DESIGN.md names)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start the control plane and build the topology")
+    up.add_argument("--policy", type=Path, default=None, help="policy file (default /etc/arrakis/policy.toml)")
+    up.add_argument("--spin", type=float, default=None, help="device host polling window in seconds")
+    commands.add_parser("down", help="tear everything down")
+    status = commands.add_parser("status", help="functions, filters, rate limits and counters")
+    status.add_argument("-j", "--json", action="store_true", help="JSON output")
+    args = parser.parse_args(argv)
+    if args.command in ("up", "down") and os.geteuid() != 0:
+        print("kernelctl: up and down need root", file=sys.stderr)
+        return 1
+    try:
+        topo = topology_names(args.instance)
+    except ValueError as exc:
+        print(f"kernelctl: {exc}", file=sys.stderr)
+        return 2
+    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status}
+    return handlers[args.command](topo, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

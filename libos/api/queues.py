@@ -1,0 +1,147 @@
+"""Tokens and per-queue buffers shared by both backends.
+
+A backend only has to say how to make progress (``_progress``) and how to sleep until
+something may have happened (``_sleep``); this class turns that into PDPIX tokens:
+a ``pop`` on a queue that already holds a datagram completes at once, otherwise it waits in
+line; a datagram that finds a ``pop`` waiting completes it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from libos.api.types import Address, LibOSError, Opcode, QResult, SocketKind
+
+MAX_QUEUED_DATAGRAMS = 1024  # per queue: like a socket's receive buffer, drops beyond
+
+
+@dataclass
+class QueueCounters:
+    delivered: int = 0
+    dropped_full: int = 0
+    pushed: int = 0
+    push_failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class QueueTable:
+    def __init__(self) -> None:
+        self._next_token = itertools.count(1)
+        self._next_qd = itertools.count(3)  # like fds: 0-2 look like stdio, avoid them
+        self.kinds: dict[int, SocketKind] = {}
+        self._arrived: dict[int, deque[tuple[bytes, Address]]] = {}
+        self._waiting_pops: dict[int, deque[int]] = {}
+        self._token_qd: dict[int, int] = {}
+        self.done: dict[int, QResult] = {}
+        self.counters = QueueCounters()
+
+    def new_queue(self, kind: SocketKind) -> int:
+        qd = next(self._next_qd)
+        self.kinds[qd] = kind
+        self._arrived[qd] = deque()
+        self._waiting_pops[qd] = deque()
+        return qd
+
+    def check(self, qd: int) -> SocketKind:
+        kind = self.kinds.get(qd)
+        if kind is None:
+            raise LibOSError(f"bad queue descriptor {qd}")
+        return kind
+
+    def drop_queue(self, qd: int) -> None:
+        self.check(qd)
+        del self.kinds[qd]
+        del self._arrived[qd]
+        for token in self._waiting_pops.pop(qd):
+            self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
+
+    def pop(self, qd: int) -> int:
+        self.check(qd)
+        token = next(self._next_token)
+        arrived = self._arrived[qd]
+        if arrived:
+            data, address = arrived.popleft()
+            self.done[token] = QResult(Opcode.POP, qd, data, address)
+        else:
+            self._waiting_pops[qd].append(token)
+            self._token_qd[token] = qd
+        return token
+
+    def completed(self, opcode: Opcode, qd: int, error: str = "") -> int:
+        token = next(self._next_token)
+        self.done[token] = QResult(opcode, qd, error=error)
+        return token
+
+    def deliver(self, qd: int, data: bytes, address: Address) -> None:
+        waiting = self._waiting_pops.get(qd)
+        if waiting is None:
+            return
+        if waiting:
+            token = waiting.popleft()
+            del self._token_qd[token]
+            self.done[token] = QResult(Opcode.POP, qd, data, address)
+        else:
+            arrived = self._arrived[qd]
+            if len(arrived) >= MAX_QUEUED_DATAGRAMS:
+                self.counters.dropped_full += 1
+                return
+            arrived.append((data, address))
+        self.counters.delivered += 1
+
+    def wants_data(self, qd: int) -> bool:
+        return bool(self._waiting_pops.get(qd))
+
+    def take(self, tokens: list[int]) -> tuple[int, QResult] | None:
+        done = self.done
+        for index, token in enumerate(tokens):
+            result = done.pop(token, None)
+            if result is not None:
+                return index, result
+        for token in tokens:
+            if token not in self._token_qd:
+                raise LibOSError(f"unknown token {token}")
+        return None
+
+
+class PollingRuntime:
+    """The wait loop: make progress, hand back a finished token, or sleep a while."""
+
+    table: QueueTable
+
+    def _progress(self, now: float) -> int:
+        raise NotImplementedError
+
+    def _sleep(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def wait_any(self, tokens: list[int], timeout: float | None = None) -> tuple[int, QResult] | None:
+        if not tokens:
+            raise LibOSError("wait_any needs at least one token")
+        table = self.table
+        found = table.take(tokens)
+        if found is not None:
+            return found
+        monotonic = time.monotonic
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            now = monotonic()
+            self._progress(now)
+            found = table.take(tokens)
+            if found is not None:
+                return found
+            if deadline is not None:
+                left = deadline - monotonic()
+                if left <= 0:
+                    return None
+                self._sleep(left)
+            else:
+                self._sleep(3600.0)
+
+    def wait(self, token: int, timeout: float | None = None) -> QResult | None:
+        found = self.wait_any([token], timeout)
+        return None if found is None else found[1]

@@ -1,0 +1,70 @@
+"""The queue-descriptor API, in the spirit of Demikernel's PDPIX.
+
+An application names its I/O queues by small integers (queue descriptors, ``qd``). Every
+operation that may take time (``pop``, ``push``, ``accept``, ``connect``) returns at once
+with a *token*; ``wait`` / ``wait_any`` give back the token's ``QResult`` when it completes.
+Applications are written once against ``LibOS`` and run on either backend:
+
+* ``vnic``: the bypass path; the libOS drives its own VNIC function's rings and runs its own
+  network stack, with no system call per request;
+* ``linux``: the baseline; the same calls over non-blocking kernel sockets and epoll.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+Address = tuple[str, int]
+
+
+class Opcode(enum.Enum):
+    PUSH = "push"
+    POP = "pop"
+    ACCEPT = "accept"
+    CONNECT = "connect"
+    FAILED = "failed"
+
+
+class SocketKind(enum.Enum):
+    UDP = "udp"
+    TCP = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class QResult:
+    opcode: Opcode
+    qd: int
+    data: bytes = b""
+    address: Address | None = None  # POP on a UDP queue: who sent it
+    new_qd: int = -1  # ACCEPT: the connection's queue
+    error: str = ""
+
+
+class LibOSError(Exception):
+    """A queue operation failed (bad queue descriptor, address in use, ...)."""
+
+
+class LibOS(Protocol):
+    """What an application sees, whichever backend runs it."""
+
+    backend: str
+
+    def socket(self, kind: SocketKind) -> int: ...
+
+    def bind(self, qd: int, address: Address) -> None: ...
+
+    def pop(self, qd: int) -> int: ...
+
+    def pushto(self, qd: int, data: bytes, address: Address) -> int: ...
+
+    def wait(self, token: int, timeout: float | None = None) -> QResult | None: ...
+
+    def wait_any(self, tokens: list[int], timeout: float | None = None) -> tuple[int, QResult] | None: ...
+
+    def close(self, qd: int) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def stats(self) -> dict[str, object]: ...

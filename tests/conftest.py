@@ -1,0 +1,78 @@
+"""Shared fixtures: throwaway topology instances with unique names, cleaned up even on failure."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernelctl.names import Topology, topology
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+KERNELCTL = [PYTHON, "-m", "kernelctl.cli"]
+
+
+def unique_tag() -> str:
+    return "t" + secrets.token_hex(3)[:5]
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces, taps, tc)")
+    if not Path("/dev/net/tun").exists():
+        pytest.skip("the kernel offers no /dev/net/tun")
+
+
+def kernelctl(tag: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*KERNELCTL, "--instance", tag, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kernelctl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def leftovers(topo: Topology) -> list[str]:
+    """Everything of this instance that is still on the machine."""
+    found = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in (topo.client_netns, topo.linux_netns):
+        if any(line.split()[0] == name for line in netns.splitlines() if line.strip()):
+            found.append(f"netns {name}")
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for name in topo.link_names:
+        if f": {name}:" in links or f": {name}@" in links:
+            found.append(f"link {name}")
+    if topo.run_dir.exists():
+        found.append(f"dir {topo.run_dir}")
+    procs = subprocess.run(["pgrep", "-af", f"--instance {topo.tag}"], capture_output=True, text=True).stdout
+    procs += subprocess.run(["pgrep", "-af", f"--tap {topo.tap}"], capture_output=True, text=True).stdout
+    found += [f"process {line}" for line in procs.splitlines() if "pgrep" not in line]
+    return found
+
+
+@pytest.fixture
+def instance() -> Iterator[Topology]:
+    """A running kernelctl instance with its own topology; torn down and checked after."""
+    require_root()
+    tag = unique_tag()
+    topo = topology(tag)
+    try:
+        kernelctl(tag, "up")
+        yield topo
+    finally:
+        kernelctl(tag, "down", check=False)
+        left = leftovers(topo)
+        if left:
+            # Clean by force so one failure does not poison the rest of the suite, then fail.
+            subprocess.run(["ip", "netns", "del", topo.client_netns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", topo.linux_netns], capture_output=True)
+            shutil.rmtree(topo.run_dir, ignore_errors=True)
+            pytest.fail(f"kernelctl down left: {left}")

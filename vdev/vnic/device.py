@@ -1,0 +1,156 @@
+"""The VNIC device model: functions, the filter table, the default function, the wire.
+
+This is the "hardware" of one virtual NIC, without the process around it (that is
+``vdev.vnic.host``): it moves frames between the wire backend and the functions' rings,
+steering received frames with the filter table and checking transmitted ones against it.
+Every call takes ``now``; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vdev.vnic.backend import WireBackend
+from vdev.vnic.default_function import DefaultFunction
+from vdev.vnic.filters import DEFAULT_FUNCTION, FilterTable, Match
+from vdev.vnic.function import FunctionConfig, VnicFunction
+
+RX_BUDGET = 64  # frames taken from one wire queue per poll
+TX_BUDGET = 64  # descriptors taken from one TX ring per poll
+
+
+@dataclass
+class DeviceCounters:
+    wire_rx_packets: int = 0
+    wire_rx_bytes: int = 0
+    wire_tx_packets: int = 0
+    wire_tx_bytes: int = 0
+    wire_tx_dropped: int = 0
+    delivered: int = 0
+    dropped: int = 0  # a function could not take a frame steered to it
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class VnicDevice:
+    def __init__(self, backend: WireBackend, mac: bytes, addresses: Iterable[bytes]) -> None:
+        self.backend = backend
+        self.mac = mac
+        self.filters = FilterTable()
+        self.functions: dict[int, VnicFunction] = {}
+        self.default = DefaultFunction(mac, list(addresses))
+        self.counters = DeviceCounters()
+        self._irq_pending: set[VnicFunction] = set()
+        self.tx_deadline: float | None = None  # when a rate-limited TX ring may go on
+
+    # ---- configuration (from the control plane) -------------------------------------
+
+    def add_function(self, config: FunctionConfig, rx_matches: list[Match], now: float) -> VnicFunction:
+        if config.function_id == DEFAULT_FUNCTION or config.function_id in self.functions:
+            raise ValueError(f"function {config.function_id} exists")
+        function = VnicFunction(config, now)
+        filter_ids: list[int] = []
+        try:
+            self.filters.grant_address(config.function_id, config.ipv4)
+            for match in rx_matches:
+                filter_ids.append(self.filters.add_rx(config.function_id, 0, match))
+                self.filters.add_tx(config.function_id, match)
+        except Exception:
+            self.filters.remove_function(config.function_id)
+            function.close()
+            raise
+        self.functions[config.function_id] = function
+        return function
+
+    def remove_function(self, function_id: int) -> None:
+        function = self.functions.pop(function_id, None)
+        self.filters.remove_function(function_id)
+        if function is not None:
+            self._irq_pending.discard(function)
+            function.close()
+
+    # ---- data path -------------------------------------------------------------------
+
+    def receive_from_wire(self, queue: int, now: float) -> int:
+        """Take a burst of frames off wire queue ``queue`` and steer each one."""
+        frames = self.backend.receive(queue, RX_BUDGET)
+        if not frames:
+            return 0
+        counters = self.counters
+        functions = self.functions
+        classify = self.filters.classify_rx
+        for frame in frames:
+            counters.wire_rx_packets += 1
+            counters.wire_rx_bytes += len(frame)
+            for function_id, function_queue in classify(frame):
+                if function_id == DEFAULT_FUNCTION:
+                    for reply in self.default.handle(frame, now):
+                        self.send_to_wire(reply)
+                    continue
+                function = functions.get(function_id)
+                if function is not None and function.deliver(function_queue, frame, now):
+                    counters.delivered += 1
+                    self._irq_pending.add(function)
+                else:
+                    counters.dropped += 1
+        return len(frames)
+
+    def send_to_wire(self, frame: bytes) -> None:
+        if self.backend.send(0, frame):
+            self.counters.wire_tx_packets += 1
+            self.counters.wire_tx_bytes += len(frame)
+        else:
+            self.counters.wire_tx_dropped += 1
+
+    def poll_transmit(self, now: float) -> int:
+        """Take posted frames off every function's TX rings onto the wire."""
+        sent = 0
+        deadline: float | None = None
+        allowed = self.filters.check_tx
+        for function in self.functions.values():
+            for queue in range(function.num_queues):
+                if function.tx_rings[queue] is None:
+                    continue
+                frames, wait = function.transmit(queue, TX_BUDGET, now, allowed)
+                for frame in frames:
+                    self.send_to_wire(frame)
+                if frames:
+                    sent += len(frames)
+                    self._irq_pending.add(function)
+                if wait > 0:
+                    due = now + wait
+                    deadline = due if deadline is None else min(deadline, due)
+        self.tx_deadline = deadline
+        return sent
+
+    def raise_irqs(self) -> None:
+        if self._irq_pending:
+            for function in self._irq_pending:
+                function.raise_irqs()
+            self._irq_pending.clear()
+
+    def has_tx_work(self) -> bool:
+        return any(function.has_tx_work() for function in self.functions.values())
+
+    def set_asleep(self, asleep: bool) -> None:
+        for function in self.functions.values():
+            function.set_asleep(asleep)
+
+    def sync_rings(self) -> None:
+        for function in self.functions.values():
+            function.sync_rings()
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "device": self.counters.as_dict(),
+            "default_function": self.default.counters.as_dict(),
+            "functions": [function.snapshot() for function in self.functions.values()],
+            "filters": self.filters.stats(),
+        }
+
+    def close(self) -> None:
+        for function_id in list(self.functions):
+            self.remove_function(function_id)
+        self.backend.close()

@@ -1,0 +1,418 @@
+"""One VNIC function: its registers, rings, DMA table, doorbells, limits and counters.
+
+A function is what an application owns on the NIC (an SR-IOV virtual function in the paper).
+It implements the vfio-user ``DeviceModel`` so the device host can serve it to the libOS
+driver, and it offers the device's data path two calls: ``deliver`` (a received frame into
+an RX buffer) and ``transmit`` (frames the driver posted on a TX ring, checked and copied out).
+
+Every value the driver controls is hostile: ring registers are read once and checked, each
+descriptor is copied out of shared memory once and validated there, every buffer address goes
+through the DMA table, and a broken ring stops that ring only.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vdev import layout
+from vdev.dma import DmaFault, DmaTable
+from vdev.ring import DeviceRing, Registers, is_valid_ring_size
+from vdev.vfio_user.server import DeviceInfo, IrqInfo, RegionInfo
+from vdev.vfio_user.wire import VfioError
+from vdev.vnic.ratelimit import TokenBucket
+
+_EVENTFD_ONE = (1).to_bytes(8, "little")
+_WRITEBACK = struct.Struct("<HHH")  # length, flags, status at VNIC_DESC_LENGTH_OFFSET
+
+# vfio-user device info: a PCI device with the nine standard regions and five IRQ types.
+_PCI_NUM_REGIONS = 9
+_PCI_NUM_IRQS = 5
+_DEVICE_FLAG_RESET = 0x1
+_DEVICE_FLAG_PCI = 0x2
+_REGION_READ = 0x1
+_REGION_WRITE = 0x2
+_REGION_MMAP = 0x4
+_IRQ_EVENTFD = 0x1
+_IRQ_NORESIZE = 0x8
+
+
+@dataclass
+class FunctionCounters:
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_no_buffer: int = 0  # a frame arrived while the RX ring had no posted buffer
+    rx_rate_dropped: int = 0  # the receive limiter refused the frame
+    rx_errors: int = 0  # a frame dropped because its descriptor was bad
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0  # descriptors completed with a nonzero status
+    tx_spoofed: int = 0  # frames refused by the transmit filter
+    tx_rate_delayed: int = 0  # polls that stopped at the transmit limiter
+    iommu_faults: int = 0
+    ring_errors: int = 0
+    doorbells: int = 0
+    irqs: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FunctionConfig:
+    function_id: int
+    mac: bytes
+    ipv4: bytes
+    num_queues: int = 1
+    max_ring_size: int = layout.MAX_RING_SIZE
+    rx_rate_bps: int = 0  # 0: unlimited
+    tx_rate_bps: int = 0
+    owner_pid: int = 0
+    owner_uid: int = 0
+    name: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class VnicFunction:
+    """The device side of one function (DeviceModel for the vfio-user server)."""
+
+    def __init__(self, config: FunctionConfig, now: float) -> None:
+        if not 1 <= config.num_queues <= layout.MAX_RINGS // 2:
+            raise ValueError(f"a function has 1..{layout.MAX_RINGS // 2} queue pairs")
+        if len(config.mac) != 6 or len(config.ipv4) != 4:
+            raise ValueError("mac is 6 bytes and ipv4 is 4 bytes")
+        self.config = config
+        self.function_id = config.function_id
+        self.num_queues = config.num_queues
+        self.counters = FunctionCounters()
+        self.dma_table = DmaTable()
+        self.dma_table.on_unmap(self._on_unmap)
+        self._bar_fd = os.memfd_create(f"vnic-fn{config.function_id}-bar0", os.MFD_CLOEXEC)
+        os.ftruncate(self._bar_fd, layout.BAR0_SIZE)
+        self._bar = mmap.mmap(self._bar_fd, layout.BAR0_SIZE)
+        self.regs = Registers(self._bar)
+        self._irq_fds: list[int | None] = [None] * config.num_queues
+        self.rx_rings: list[DeviceRing | None] = [None] * config.num_queues
+        self.tx_rings: list[DeviceRing | None] = [None] * config.num_queues
+        self.rx_limit = TokenBucket(config.rx_rate_bps, 0, now) if config.rx_rate_bps else None
+        self.tx_limit = TokenBucket(config.tx_rate_bps, 0, now) if config.tx_rate_bps else None
+        self.closed = False
+        self.asleep = False
+        self.doorbell_listener: Callable[[VnicFunction], None] | None = None
+        self._init_registers()
+
+    # ---- registers ------------------------------------------------------------------
+
+    def _init_registers(self) -> None:
+        regs = self.regs
+        self._bar[: layout.BAR0_SIZE] = bytes(layout.BAR0_SIZE)
+        regs.write32(layout.REG_MAGIC, layout.MAGIC_VNIC)
+        regs.write32(layout.REG_ABI_VERSION, layout.ABI_VERSION)
+        regs.write32(layout.REG_NUM_QUEUES, self.num_queues)
+        regs.write32(layout.REG_MAX_RING_SIZE, self.config.max_ring_size)
+        regs.write32(layout.REG_MAX_FRAME, layout.VNIC_MAX_FRAME)
+        regs.write32(layout.REG_FUNCTION_ID, self.function_id)
+        self._bar[layout.REG_MAC : layout.REG_MAC + 6] = self.config.mac
+        self._bar[layout.REG_IPV4 : layout.REG_IPV4 + 4] = self.config.ipv4
+        regs.write32(layout.REG_STATUS, layout.STATUS_ENABLED)
+
+    def sync_rings(self) -> None:
+        """Pick up rings the driver enabled or disabled since the last look.
+
+        Enabling is a register store the device cannot trap, so the device looks at the
+        enable bits whenever it is woken and on every idle-to-busy transition.
+        """
+        regs = self.regs
+        for queue in range(self.num_queues):
+            for direction, rings in ((layout.RX, self.rx_rings), (layout.TX, self.tx_rings)):
+                ring_index = layout.vnic_ring_index(queue, direction)
+                enabled = regs.read32(layout.ring_reg(ring_index, layout.RING_ENABLE)) == 1
+                current = rings[queue]
+                if enabled and current is None:
+                    if regs.read32(layout.ring_reg(ring_index, layout.RING_ERROR)):
+                        continue  # stopped until the driver disables and re-enables it
+                    rings[queue] = self._open_ring(ring_index)
+                elif not enabled and current is not None:
+                    rings[queue] = None
+                    regs.write32(layout.ring_reg(ring_index, layout.RING_ERROR), 0)
+
+    def _open_ring(self, ring_index: int) -> DeviceRing | None:
+        regs = self.regs
+        ring_iova = regs.read64(layout.ring_reg(ring_index, layout.RING_IOVA))
+        ring_size = regs.read32(layout.ring_reg(ring_index, layout.RING_SIZE))
+        if not is_valid_ring_size(ring_size, self.config.max_ring_size):
+            self._ring_error(ring_index, layout.RING_ERR_SETUP)
+            return None
+        nbytes = ring_size * layout.VNIC_DESC_SIZE
+        try:
+            buffer, offset = self.dma_table.translate(ring_iova, nbytes, True)
+        except DmaFault:
+            self.counters.iommu_faults += 1
+            self._ring_error(ring_index, layout.RING_ERR_SETUP)
+            return None
+        descs = memoryview(buffer)[offset : offset + nbytes]
+        return DeviceRing(regs, ring_index, descs, ring_size, layout.VNIC_DESC)
+
+    def _ring_error(self, ring_index: int, code: int) -> None:
+        self.counters.ring_errors += 1
+        self.regs.write32(layout.ring_reg(ring_index, layout.RING_ERROR), code)
+
+    def _fail_ring(self, rings: list[DeviceRing | None], queue: int, code: int) -> None:
+        ring = rings[queue]
+        if ring is not None:
+            ring.fail(code)
+            rings[queue] = None
+            self.counters.ring_errors += 1
+
+    def _on_unmap(self, iova: int, size: int) -> None:
+        # The driver is taking memory away: stop every ring inside it before the mapping
+        # goes, so the device never touches unmapped memory (vfio-user DMA_UNMAP rule).
+        for rings in (self.rx_rings, self.tx_rings):
+            for queue, ring in enumerate(rings):
+                if ring is None:
+                    continue
+                ring_index = layout.vnic_ring_index(queue, layout.RX if rings is self.rx_rings else layout.TX)
+                ring_iova = self.regs.read64(layout.ring_reg(ring_index, layout.RING_IOVA))
+                if iova <= ring_iova < iova + size:
+                    ring.descs.release()
+                    self._fail_ring(rings, queue, layout.RING_ERR_UNMAPPED)
+
+    # ---- data path ------------------------------------------------------------------
+
+    def deliver(self, queue: int, frame: bytes, now: float) -> bool:
+        """Put one received frame into the next RX buffer of ``queue``; False if dropped."""
+        counters = self.counters
+        rx_limit = self.rx_limit
+        if rx_limit is not None and not rx_limit.try_consume(len(frame), now):
+            counters.rx_rate_dropped += 1
+            return False
+        ring = self.rx_rings[queue] if queue < self.num_queues else None
+        if ring is None:
+            counters.rx_no_buffer += 1
+            return False
+        pending = ring.pending()
+        if pending <= 0:
+            if pending < 0:
+                self._fail_ring(self.rx_rings, queue, layout.RING_ERR_INDEX)
+            counters.rx_no_buffer += 1
+            return False
+        index = ring.cons
+        iova, capacity, _flags, _status, _reserved = ring.fetch(index)
+        length = len(frame)
+        status = layout.DESC_OK
+        if length > capacity:
+            status = layout.DESC_BAD_LENGTH
+        else:
+            try:
+                buffer, offset = self.dma_table.translate(iova, length, True)
+            except DmaFault:
+                status = layout.DESC_IOMMU_FAULT
+                counters.iommu_faults += 1
+                self.regs.write64(layout.REG_IOMMU_FAULTS, counters.iommu_faults)
+            else:
+                buffer[offset : offset + length] = frame
+        if status:
+            ring.write_back(index, layout.VNIC_DESC_LENGTH_OFFSET, _WRITEBACK, 0, 0, status)
+            ring.advance(1, 1)
+            counters.rx_errors += 1
+            return False
+        ring.write_back(index, layout.VNIC_DESC_LENGTH_OFFSET, _WRITEBACK, length, 0, 0)
+        ring.advance(1)
+        counters.rx_packets += 1
+        counters.rx_bytes += length
+        return True
+
+    def transmit(
+        self, queue: int, budget: int, now: float, allowed: Callable[[int, bytes], bool]
+    ) -> tuple[list[bytes], float]:
+        """Take up to ``budget`` frames off TX ring ``queue``.
+
+        Returns the frames to put on the wire and, if the transmit limiter stopped the
+        poll, how many seconds until it allows the next frame (else 0).
+        """
+        ring = self.tx_rings[queue]
+        if ring is None:
+            return [], 0.0
+        pending = ring.pending()
+        if pending < 0:
+            self._fail_ring(self.tx_rings, queue, layout.RING_ERR_INDEX)
+            return [], 0.0
+        frames: list[bytes] = []
+        counters = self.counters
+        tx_limit = self.tx_limit
+        wait = 0.0
+        errors = 0
+        index = ring.cons
+        done = 0
+        for _ in range(min(pending, budget)):
+            iova, length, _flags, _status, _reserved = ring.fetch(index + done)
+            status = layout.DESC_OK
+            frame = b""
+            if not 14 <= length <= layout.VNIC_MAX_FRAME:
+                status = layout.DESC_BAD_LENGTH
+            else:
+                try:
+                    buffer, offset = self.dma_table.translate(iova, length, False)
+                except DmaFault:
+                    status = layout.DESC_IOMMU_FAULT
+                    counters.iommu_faults += 1
+                    self.regs.write64(layout.REG_IOMMU_FAULTS, counters.iommu_faults)
+                else:
+                    # Copy first, then check: the driver may rewrite its buffer at any time,
+                    # and the filter must judge exactly the bytes that go on the wire.
+                    frame = bytes(buffer[offset : offset + length])
+                    if not allowed(self.function_id, frame):
+                        status = layout.DESC_TX_FILTERED
+                        counters.tx_spoofed += 1
+            if status == layout.DESC_OK and tx_limit is not None:
+                wait = tx_limit.time_until(length, now)
+                if wait > 0:
+                    counters.tx_rate_delayed += 1
+                    break
+                tx_limit.try_consume(length, now)
+            ring.write_back(index + done, layout.VNIC_DESC_LENGTH_OFFSET, _WRITEBACK, length, 0, status)
+            done += 1
+            if status:
+                errors += 1
+                continue
+            frames.append(frame)
+            counters.tx_packets += 1
+            counters.tx_bytes += length
+        if done:
+            ring.advance(done, errors)
+            counters.tx_errors += errors
+        return frames, wait
+
+    def has_tx_work(self) -> bool:
+        for ring in self.tx_rings:
+            if ring is not None and ring.pending() != 0:
+                return True
+        return False
+
+    def set_asleep(self, asleep: bool) -> None:
+        self.asleep = asleep
+        for rings in (self.rx_rings, self.tx_rings):
+            for ring in rings:
+                if ring is not None:
+                    ring.set_asleep(asleep)
+        if not asleep:
+            return
+        # Rings not yet enabled: their register block must say "asleep" too, so a driver
+        # that enables a ring and posts at once rings the doorbell.
+        for ring_index in range(2 * self.num_queues):
+            self.regs.write32(layout.ring_reg(ring_index, layout.RING_DEVICE_ASLEEP), 1)
+
+    def raise_irqs(self) -> None:
+        """Signal every queue whose driver asked for an interrupt and has completions."""
+        for queue in range(self.num_queues):
+            fd = self._irq_fds[queue]
+            if fd is None:
+                continue
+            wanted = False
+            for ring in (self.rx_rings[queue], self.tx_rings[queue]):
+                if ring is not None and ring.irq_wanted():
+                    ring.clear_irq_wanted()
+                    wanted = True
+            if wanted:
+                try:
+                    os.write(fd, _EVENTFD_ONE)
+                    self.counters.irqs += 1
+                except BlockingIOError:
+                    pass  # the counter is saturated: the driver has a wakeup pending anyway
+
+    # ---- vfio-user DeviceModel -----------------------------------------------------
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(flags=_DEVICE_FLAG_RESET | _DEVICE_FLAG_PCI, num_regions=_PCI_NUM_REGIONS, num_irqs=_PCI_NUM_IRQS)
+
+    def region_info(self, index: int) -> RegionInfo:
+        if index == layout.BAR0_INDEX:
+            return RegionInfo(
+                flags=_REGION_READ | _REGION_WRITE | _REGION_MMAP,
+                size=layout.BAR0_SIZE,
+                fd=self._bar_fd,
+                offset=0,
+                sparse_areas=[(layout.REGISTER_PAGE_OFFSET, layout.PAGE_SIZE)],
+            )
+        return RegionInfo(flags=0, size=0, fd=None, offset=0, sparse_areas=[])
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        if index != layout.BAR0_INDEX:
+            raise VfioError(errno.EINVAL, "only BAR0 exists")
+        return bytes(self._bar[offset : offset + count])
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        if index != layout.BAR0_INDEX:
+            raise VfioError(errno.EINVAL, "only BAR0 exists")
+        if offset >= layout.DOORBELL_PAGE_OFFSET:
+            # A doorbell: the value is only a hint; waking up is what matters.
+            self.counters.doorbells += 1
+            if self.doorbell_listener is not None:
+                self.doorbell_listener(self)
+            return
+        self._bar[offset : offset + len(data)] = data
+
+    def irq_info(self, index: int) -> IrqInfo:
+        if index == layout.IRQ_INDEX_MSIX:
+            return IrqInfo(flags=_IRQ_EVENTFD | _IRQ_NORESIZE, count=self.num_queues)
+        return IrqInfo(flags=0, count=0)
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        if index != layout.IRQ_INDEX_MSIX or start + len(fds) > self.num_queues:
+            for fd in fds:
+                os.close(fd)
+            raise VfioError(errno.EINVAL, "no such interrupt vectors")
+        for offset, fd in enumerate(fds):
+            old = self._irq_fds[start + offset]
+            if old is not None:
+                os.close(old)
+            os.set_blocking(fd, False)
+            self._irq_fds[start + offset] = fd
+
+    def clear_irqs(self, index: int, start: int, count: int) -> None:
+        if index != layout.IRQ_INDEX_MSIX:
+            return
+        if count == 0:
+            start, count = 0, self.num_queues
+        for vector in range(start, min(start + count, self.num_queues)):
+            old = self._irq_fds[vector]
+            if old is not None:
+                os.close(old)
+                self._irq_fds[vector] = None
+
+    def reset(self) -> None:
+        self.rx_rings = [None] * self.num_queues
+        self.tx_rings = [None] * self.num_queues
+        self.clear_irqs(layout.IRQ_INDEX_MSIX, 0, 0)
+        self._init_registers()
+
+    def disconnected(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.rx_rings = [None] * self.num_queues
+        self.tx_rings = [None] * self.num_queues
+        self.clear_irqs(layout.IRQ_INDEX_MSIX, 0, 0)
+        self.dma_table.clear()
+        self.regs.release()
+        self._bar.close()
+        os.close(self._bar_fd)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "function_id": self.function_id,
+            "name": self.config.name,
+            "owner_pid": self.config.owner_pid,
+            "owner_uid": self.config.owner_uid,
+            "queues": self.num_queues,
+            "rx_rate_bps": self.config.rx_rate_bps,
+            "tx_rate_bps": self.config.tx_rate_bps,
+            "counters": self.counters.as_dict(),
+        }
