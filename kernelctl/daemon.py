@@ -389,20 +389,23 @@ class Daemon:
             return
         number = {"udp": 17, "tcp": 6}
         try:
-            for index, (proto, port) in enumerate(record.claims):
+            for proto, port in record.claims:
                 for direction, rate in (("rx", record.rx_bps), ("tx", record.tx_bps)):
                     if not rate:
                         continue
-                    minor = self._tc_minor(record.function_id, index, direction)
+                    minor = self._allocate_minor()
                     tc.set_rate(self.topo, minor, direction, rate, self.topo.vnic_ip, number[proto], port)  # type: ignore[arg-type]
                     record.tc_minors.append(minor)
         except Exception as exc:
             log.warning("tc mirror of function %d failed: %s", record.function_id, exc)
 
-    @staticmethod
-    def _tc_minor(function_id: int, index: int, direction: str) -> int:
-        # 1:<minor>, unique per function, claim and direction, below 0xffff.
-        return 0x100 + ((function_id % 256) * 128 + index % 64) * 2 + (direction == "tx")
+    def _allocate_minor(self) -> int:
+        # Class 1:<minor> for one claim and direction; minors are recycled on reclaim.
+        used = {minor for record in self.functions.values() for minor in record.tc_minors}
+        for minor in range(0x10, 0xFFFF):
+            if minor not in used:
+                return minor
+        raise RequestError("no tc class numbers left")
 
     def _remove_rates(self, record: FunctionRecord) -> None:
         for minor in record.tc_minors:

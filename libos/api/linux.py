@@ -10,7 +10,7 @@ network stack behind them.
 from __future__ import annotations
 
 import select
-import socket
+import socket as socket_module
 from collections import deque
 
 from libos.api.queues import PollingRuntime, QueueTable
@@ -32,7 +32,7 @@ class LinuxLibOS(PollingRuntime):
             pyroute2_netns.setns(netns)
         self.table = QueueTable()
         self._epoll = select.epoll()
-        self._sockets: dict[int, socket.socket] = {}
+        self._sockets: dict[int, socket_module.socket] = {}
         self._by_fd: dict[int, int] = {}
         self._readable: set[int] = set()
         self._unsent: dict[int, deque[tuple[bytes, Address]]] = {}
@@ -40,7 +40,7 @@ class LinuxLibOS(PollingRuntime):
     def socket(self, kind: SocketKind) -> int:
         if kind is not SocketKind.UDP:
             raise LibOSError("the linux backend offers UDP queues so far")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
         sock.setblocking(False)
         qd = self.table.new_queue(kind)
         self._sockets[qd] = sock
@@ -49,7 +49,7 @@ class LinuxLibOS(PollingRuntime):
         self._epoll.register(sock.fileno(), select.EPOLLIN)
         return qd
 
-    def _sock(self, qd: int) -> socket.socket:
+    def _sock(self, qd: int) -> socket_module.socket:
         self.table.check(qd)
         return self._sockets[qd]
 

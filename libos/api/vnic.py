@@ -18,6 +18,7 @@ from kernelctl.client import ControlClient
 from libos.api.queues import PollingRuntime, QueueTable
 from libos.api.types import Address, LibOSError, Opcode, SocketKind
 from libos.driver.vnic import VnicDriver
+from libos.net.events import UdpDatagram
 from libos.net.stack import NetStack
 
 DEFAULT_POLL_WINDOW = 0.02  # seconds of polling after the last work before sleeping
@@ -159,7 +160,9 @@ class VnicLibOS(PollingRuntime):
         qd_by_port = self._qd_by_port
         while events:
             event = events.popleft()
-            qd = qd_by_port.get(getattr(event, "local_port", -1))
+            if type(event) is not UdpDatagram:
+                continue  # ICMP errors and ARP failures: a UDP server carries on
+            qd = qd_by_port.get(event.local_port)
             if qd is not None:
                 deliver(qd, bytes(event.payload), (socket.inet_ntoa(event.src_ip), event.src_port))
 

@@ -17,6 +17,7 @@ slot is, so no allocator is needed (the netmap habit of naming buffers by index)
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -90,8 +91,10 @@ class VnicDriver:
         rings_bytes = _page_align(2 * desc_bytes)
         buffers_bytes = 2 * ring_size * layout.VNIC_BUFFER_SIZE
         size = _page_align(rings_bytes + buffers_bytes)
-        self._mem_fd = os.memfd_create("libos-vnic-dma", os.MFD_CLOEXEC)
+        self._mem_fd = os.memfd_create("libos-vnic-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self._mem_fd, size)
+        # The device maps this memory; a sealed size means we cannot pull it from under it.
+        fcntl.fcntl(self._mem_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         self._mem = mmap.mmap(self._mem_fd, size)
         self._mem_view = memoryview(self._mem)
         self._mem_size = size
@@ -105,11 +108,10 @@ class VnicDriver:
         tx_index = layout.vnic_ring_index(queue, layout.TX)
         self.rx = DriverRing(regs, rx_index, self._mem_view[0:desc_bytes], ring_size, layout.VNIC_DESC)
         self.tx = DriverRing(regs, tx_index, self._mem_view[desc_bytes : 2 * desc_bytes], ring_size, layout.VNIC_DESC)
-        self._rx_doorbell = layout.doorbell_offset(rx_index)
         self._tx_doorbell = layout.doorbell_offset(tx_index)
 
-        irq_flags, irq_count = client.get_irq_info(layout.IRQ_INDEX_MSIX)
-        if irq_count <= queue:
+        irq_info = client.get_irq_info(layout.IRQ_INDEX_MSIX)
+        if irq_info.count <= queue:
             raise DriverError("the function has no interrupt for this queue")
         self.irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         client.set_irq_eventfds(layout.IRQ_INDEX_MSIX, queue, [self.irq_fd])
@@ -121,8 +123,7 @@ class VnicDriver:
         # Hand every RX buffer to the device at once.
         for slot in range(ring_size):
             self.rx.post(IOVA_BASE + self._rx_buf_off + slot * layout.VNIC_BUFFER_SIZE, layout.VNIC_BUFFER_SIZE, 0, 0, 0)
-        if self.rx.publish():
-            self._ring(self._rx_doorbell)
+        self.rx.publish()
 
     # ---- data path -------------------------------------------------------------------
 
@@ -151,8 +152,9 @@ class VnicDriver:
             rx.post(IOVA_BASE + base + slot * layout.VNIC_BUFFER_SIZE, layout.VNIC_BUFFER_SIZE, 0, 0, 0)
         rx.reap(ready)
         self.counters.rx_packets += len(frames)
-        if rx.publish():
-            self._ring(self._rx_doorbell)
+        # No doorbell for fresh RX buffers, even if the device sleeps: it looks at the RX
+        # ring when a frame arrives, which is the only time it needs a buffer.
+        rx.publish()
         return frames
 
     def transmit(self, frames: list[bytes]) -> int:

@@ -9,11 +9,11 @@ Every call takes ``now``; nothing here sleeps.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vdev.vnic.backend import WireBackend
 from vdev.vnic.default_function import DefaultFunction
-from vdev.vnic.filters import DEFAULT_FUNCTION, FilterTable, Match
+from vdev.vnic.filters import DEFAULT_FUNCTION, TX_REFUSED, FilterTable, Match
 from vdev.vnic.function import FunctionConfig, VnicFunction
 
 RX_BUDGET = 64  # frames taken from one wire queue per poll
@@ -56,7 +56,8 @@ class VnicDevice:
             self.filters.grant_address(config.function_id, config.ipv4)
             for match in rx_matches:
                 filter_ids.append(self.filters.add_rx(config.function_id, 0, match))
-                self.filters.add_tx(config.function_id, match)
+                # Transmit: the same protocol and port, from the function's own address only.
+                self.filters.add_tx(config.function_id, replace(match, ip=config.ipv4))
         except Exception:
             self.filters.remove_function(config.function_id)
             function.close()
@@ -80,21 +81,27 @@ class VnicDevice:
             return 0
         counters = self.counters
         functions = self.functions
-        classify = self.filters.classify_rx
+        classify = self.filters.classify_rx_deliveries
+        record = self.filters.record_rx
         for frame in frames:
+            length = len(frame)
             counters.wire_rx_packets += 1
-            counters.wire_rx_bytes += len(frame)
-            for function_id, function_queue in classify(frame):
+            counters.wire_rx_bytes += length
+            for delivery in classify(frame):
+                function_id = delivery.function_id
                 if function_id == DEFAULT_FUNCTION:
                     for reply in self.default.handle(frame, now):
                         self.send_to_wire(reply)
+                    record(delivery, length, True)
                     continue
                 function = functions.get(function_id)
-                if function is not None and function.deliver(function_queue, frame, now):
+                if function is not None and function.deliver(delivery.queue, frame, now):
                     counters.delivered += 1
                     self._irq_pending.add(function)
+                    record(delivery, length, True)
                 else:
                     counters.dropped += 1
+                    record(delivery, length, False)
         return len(frames)
 
     def send_to_wire(self, frame: bytes) -> None:
@@ -108,7 +115,15 @@ class VnicDevice:
         """Take posted frames off every function's TX rings onto the wire."""
         sent = 0
         deadline: float | None = None
-        allowed = self.filters.check_tx
+        classify_tx = self.filters.classify_tx
+        record_tx = self.filters.record_tx
+
+        def allowed(function_id: int, frame: bytes) -> bool:
+            verdict = classify_tx(function_id, frame)
+            permitted = verdict != TX_REFUSED
+            record_tx(function_id, verdict, len(frame), permitted)
+            return permitted
+
         for function in self.functions.values():
             for queue in range(function.num_queues):
                 if function.tx_rings[queue] is None:

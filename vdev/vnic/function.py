@@ -24,8 +24,9 @@ from vdev.dma import DmaFault, DmaTable
 from vdev.ring import DeviceRing, Registers, is_valid_ring_size
 from vdev.vfio_user.server import DeviceInfo, IrqInfo, RegionInfo
 from vdev.vfio_user.wire import VfioError
-from vdev.vnic.ratelimit import TokenBucket
+from vdev.vnic.ratelimit import TokenBucket, default_burst_bytes
 
+RX_POLICER_WINDOW = 0.05  # seconds of traffic the receive policer lets through at once
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 _WRITEBACK = struct.Struct("<HHH")  # length, flags, status at VNIC_DESC_LENGTH_OFFSET
 
@@ -98,12 +99,27 @@ class VnicFunction:
         self._irq_fds: list[int | None] = [None] * config.num_queues
         self.rx_rings: list[DeviceRing | None] = [None] * config.num_queues
         self.tx_rings: list[DeviceRing | None] = [None] * config.num_queues
-        self.rx_limit = TokenBucket(config.rx_rate_bps, 0, now) if config.rx_rate_bps else None
-        self.tx_limit = TokenBucket(config.tx_rate_bps, 0, now) if config.tx_rate_bps else None
+        self.rx_limit: TokenBucket | None = None
+        self.tx_limit: TokenBucket | None = None
+        self.set_rates(config.rx_rate_bps, config.tx_rate_bps, now)
         self.closed = False
         self.asleep = False
         self.doorbell_listener: Callable[[VnicFunction], None] | None = None
         self._init_registers()
+
+    def set_rates(self, rx_bps: int, tx_bps: int, now: float) -> None:
+        """Program the function's limiters (0: unlimited).
+
+        The receive limiter is a policer: it drops what exceeds the rate. Frames reach it in
+        bursts whenever the device host was off the CPU for a while, even when they left the
+        sender evenly spaced (and after Linux's own shaper on the tap), so its bucket holds
+        RX_POLICER_WINDOW seconds of traffic; a smaller bucket punishes scheduling jitter,
+        not excess traffic. The transmit limiter is a shaper (frames wait on the ring) and
+        keeps the default burst.
+        """
+        self.config.rx_rate_bps, self.config.tx_rate_bps = rx_bps, tx_bps
+        self.rx_limit = TokenBucket(rx_bps, max(default_burst_bytes(rx_bps), int(rx_bps / 8 * RX_POLICER_WINDOW)), now) if rx_bps else None
+        self.tx_limit = TokenBucket(tx_bps, 0, now) if tx_bps else None
 
     # ---- registers ------------------------------------------------------------------
 
@@ -255,6 +271,14 @@ class VnicFunction:
             if not 14 <= length <= layout.VNIC_MAX_FRAME:
                 status = layout.DESC_BAD_LENGTH
             else:
+                if tx_limit is not None:
+                    # The limiter judges the length before any work: a frame that must
+                    # wait is left on the ring, untouched, for a later poll.
+                    wait = tx_limit.time_until(length, now)
+                    if wait > 0:
+                        counters.tx_rate_delayed += 1
+                        break
+                    tx_limit.try_consume(length, now)
                 try:
                     buffer, offset = self.dma_table.translate(iova, length, False)
                 except DmaFault:
@@ -268,12 +292,6 @@ class VnicFunction:
                     if not allowed(self.function_id, frame):
                         status = layout.DESC_TX_FILTERED
                         counters.tx_spoofed += 1
-            if status == layout.DESC_OK and tx_limit is not None:
-                wait = tx_limit.time_until(length, now)
-                if wait > 0:
-                    counters.tx_rate_delayed += 1
-                    break
-                tx_limit.try_consume(length, now)
             ring.write_back(index + done, layout.VNIC_DESC_LENGTH_OFFSET, _WRITEBACK, length, 0, status)
             done += 1
             if status:

@@ -17,6 +17,7 @@ close that session and remove that function.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import errno
 import os
 import select
@@ -33,7 +34,6 @@ from vdev.vnic.backend import TapBackend, WireBackend
 from vdev.vnic.device import VnicDevice
 from vdev.vnic.filters import FilterConflict, Match
 from vdev.vnic.function import FunctionConfig, VnicFunction
-from vdev.vnic.ratelimit import TokenBucket
 
 DEFAULT_SPIN = 0.002  # seconds of polling after the last work before sleeping
 MAX_SLEEP = 0.05  # a lost wakeup (see vdev.ring) costs at most this much latency
@@ -87,14 +87,14 @@ class DeviceHost:
                 device.set_asleep(False)
                 device.sync_rings()
             work = 0
-            for fd, _mask in events:
+            for fd, mask in events:
                 queue = self._wire_fds.get(fd)
                 if queue is not None:
                     work += device.receive_from_wire(queue, now)
                 elif fd == self.mgmt.fileno():
                     self._on_mgmt()
                 else:
-                    work += self._on_vfio(fd)
+                    work += self._on_vfio(fd, mask)
             work += device.poll_transmit(now)
             device.raise_irqs()
             if work:
@@ -106,18 +106,25 @@ class DeviceHost:
 
     # ---- vfio-user sessions ------------------------------------------------------------
 
-    def _on_vfio(self, fd: int) -> int:
+    def _on_vfio(self, fd: int, mask: int) -> int:
         entry = self._conns.get(fd)
         if entry is None:
             return 0
         conn, function_id = entry
         try:
-            alive = conn.on_readable()
+            alive = True
+            if mask & select.EPOLLOUT:
+                alive = conn.on_writable()
+            if alive and mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                alive = conn.on_readable()
         except Exception:  # a bug must not take the device host down: drop this session
             traceback.print_exc(file=sys.stderr)
             alive = False
         if not alive:
             self._drop_session(fd, function_id)
+        else:
+            # Replies that did not fit in the socket wait for EPOLLOUT.
+            self.epoll.modify(fd, conn.epoll_events())
         return 1
 
     def _drop_session(self, fd: int, function_id: int) -> None:
@@ -180,15 +187,14 @@ class DeviceHost:
             function = self.device.functions[function_id]
             match = self._match(message, function.config.ipv4)
             self.device.filters.add_rx(function_id, 0, match)
-            self.device.filters.add_tx(function_id, match)
+            self.device.filters.add_tx(function_id, replace(match, ip=function.config.ipv4))
             return None
         if op == "set_rate":
             function = self.device.functions[int(message["function_id"])]
-            now = time.monotonic()
             rx, tx = int(message.get("rx_bps", 0)), int(message.get("tx_bps", 0))
-            function.rx_limit = TokenBucket(rx, 0, now) if rx else None
-            function.tx_limit = TokenBucket(tx, 0, now) if tx else None
-            function.config.rx_rate_bps, function.config.tx_rate_bps = rx, tx
+            if rx < 0 or tx < 0:
+                raise ValueError("rates are not negative")
+            function.set_rates(rx, tx, time.monotonic())
             return None
         if op == "shutdown":
             self.running = False
