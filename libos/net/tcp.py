@@ -1,0 +1,352 @@
+"""The TCP layer of the libOS: demultiplexing, listeners and the socket-facing API.
+
+The IP layer calls ``segment_received`` with each TCP payload of an IPv4 packet and
+drains ``outbox`` of ``(dst_ip, src_ip, segment)`` triples to wrap and send. The event
+loop calls ``on_timer(now)`` once ``now >= next_deadline()``. Nothing here raises on
+bad input: a malformed segment is dropped and counted.
+
+A SYN flood is bounded by the listener backlog: once half-open plus not-yet-accepted
+connections reach it, further SYNs are dropped and counted (no SYN cookies), so memory
+stays proportional to the backlog whatever the attack rate.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Final
+
+from libos.net.tcp_connection import TcpConnection
+from libos.net.tcp_isn import IsnGenerator
+from libos.net.tcp_seq import seq_add
+from libos.net.tcp_types import (
+    Closed,
+    Connected,
+    DataReadable,
+    PeerClosed,
+    Reset,
+    TcpConfig,
+    TcpCounters,
+    TcpEvent,
+    TcpState,
+)
+from vdev.wire.errors import ChecksumError, TruncatedError, WireError
+from vdev.wire.tcp import ACK, RST, SYN, TcpSegment
+
+__all__ = [
+    "Closed",
+    "Connected",
+    "DataReadable",
+    "PeerClosed",
+    "Reset",
+    "TcpConfig",
+    "TcpConnection",
+    "TcpCounters",
+    "TcpEvent",
+    "TcpLayer",
+    "TcpListener",
+    "TcpState",
+]
+
+# RFC 6056 recommends the whole range above 1023; we keep to the IANA dynamic range.
+EPHEMERAL_PORTS: Final = range(49152, 65536)
+MAX_BACKLOG: Final = 65535
+
+FourTuple = tuple[bytes, int, bytes, int]
+
+
+class TcpListener:
+    """A passive open on one port (RFC 9293 LISTEN)."""
+
+    def __init__(self, layer: TcpLayer, port: int, backlog: int, local_ip: bytes | None) -> None:
+        self.port = port
+        self.backlog = backlog
+        self.local_ip = local_ip
+        self.half_open = 0
+        self.accept_queue: deque[TcpConnection] = deque()
+        self.closed = False
+        self._layer = layer
+
+    def accept(self) -> TcpConnection | None:
+        """The oldest established connection not yet accepted, or None."""
+        while self.accept_queue:
+            conn = self.accept_queue.popleft()
+            if conn.state != TcpState.CLOSED or conn.readable:
+                return conn
+        return None
+
+    @property
+    def pending(self) -> int:
+        """Connections counted against the backlog."""
+        return self.half_open + len(self.accept_queue)
+
+    def close(self, now: float) -> None:
+        """Stop listening and abort the connections nobody accepted."""
+        self._layer.unlisten(self, now)
+
+
+class TcpLayer:
+    """All TCP connections and listeners of one libOS instance."""
+
+    def __init__(
+        self,
+        config: TcpConfig | None = None,
+        *,
+        isn_key: bytes | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config if config is not None else TcpConfig()
+        self.counters = TcpCounters()
+        self.outbox: list[tuple[bytes, bytes, bytes]] = []
+        self._events: deque[tuple[TcpConnection, TcpEvent]] = deque()
+        self._connections: dict[FourTuple, TcpConnection] = {}
+        self._listeners: dict[tuple[bytes | None, int], TcpListener] = {}
+        self._listener_of: dict[TcpConnection, TcpListener] = {}
+        self._dirty: set[TcpConnection] = set()
+        self._isn = IsnGenerator(isn_key)
+        self._rng = rng if rng is not None else random.Random()
+        self._last_now = 0.0
+        self._challenge_window_start = float("-inf")
+        self._challenge_count = 0
+
+
+    def listen(self, port: int, backlog: int = 128, local_ip: bytes | None = None) -> TcpListener:
+        """Accept connections to ``port`` (on ``local_ip``, or any address if None)."""
+        if not 0 < port <= 0xFFFF:
+            raise ValueError(f"port {port} out of range")
+        if not 0 < backlog <= MAX_BACKLOG:
+            raise ValueError(f"backlog {backlog} out of range")
+        if local_ip is not None:
+            local_ip = _address(local_ip)
+        key = (local_ip, port)
+        if key in self._listeners:
+            raise OSError(f"port {port} is already listening")
+        listener = TcpListener(self, port, backlog, local_ip)
+        self._listeners[key] = listener
+        return listener
+
+    def accept(self, port: int, local_ip: bytes | None = None) -> TcpConnection | None:
+        listener = self._listeners.get((local_ip, port))
+        return listener.accept() if listener is not None else None
+
+    def unlisten(self, listener: TcpListener, now: float) -> None:
+        if listener.closed:
+            return
+        listener.closed = True
+        self._listeners.pop((listener.local_ip, listener.port), None)
+        for conn, owner in list(self._listener_of.items()):
+            if owner is listener:
+                conn.abort(now)
+        for conn in listener.accept_queue:
+            conn.abort(now)
+        listener.accept_queue.clear()
+
+    def connect(
+        self,
+        local_ip: bytes,
+        remote_ip: bytes,
+        remote_port: int,
+        now: float,
+        local_port: int | None = None,
+    ) -> TcpConnection:
+        """Active open: the SYN is in the outbox when this returns."""
+        local_ip = _address(local_ip)
+        remote_ip = _address(remote_ip)
+        if not 0 < remote_port <= 0xFFFF:
+            raise ValueError(f"port {remote_port} out of range")
+        self._last_now = now
+        if local_port is None:
+            local_port = self._pick_port(local_ip, remote_ip, remote_port)
+        elif not 0 < local_port <= 0xFFFF:
+            raise ValueError(f"port {local_port} out of range")
+        key = (local_ip, local_port, remote_ip, remote_port)
+        if key in self._connections:
+            raise OSError("address already in use for this remote endpoint")
+        iss = self._isn.isn(local_ip, local_port, remote_ip, remote_port, now)
+        conn = TcpConnection(
+            self, self.config, local_ip, local_port, remote_ip, remote_port, iss, passive=False
+        )
+        self._connections[key] = conn
+        conn.open_active(now)
+        return conn
+
+    def pop_events(self) -> list[tuple[TcpConnection, TcpEvent]]:
+        """Events since the last call, oldest first."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def drain_outbox(self) -> list[tuple[bytes, bytes, bytes]]:
+        out = self.outbox
+        self.outbox = []
+        return out
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def connection(self, four_tuple: FourTuple) -> TcpConnection | None:
+        return self._connections.get(four_tuple)
+
+
+    def segment_received(
+        self, src_ip: bytes, dst_ip: bytes, segment: bytes | memoryview, now: float
+    ) -> None:
+        """One TCP segment from the IP layer; never raises on malformed input."""
+        self._last_now = now
+        counters = self.counters
+        counters.segments_in += 1
+        if len(src_ip) != 4 or len(dst_ip) != 4:
+            counters.drop_bad_address += 1
+            return
+        src_ip = bytes(src_ip)
+        dst_ip = bytes(dst_ip)
+        try:
+            seg = TcpSegment.parse(segment, src_ip, dst_ip)
+        except TruncatedError:
+            counters.drop_truncated += 1
+            return
+        except ChecksumError:
+            counters.drop_checksum += 1
+            return
+        except WireError:
+            counters.drop_malformed += 1
+            return
+        conn = self._connections.get((dst_ip, seg.dst_port, src_ip, seg.src_port))
+        if conn is not None:
+            conn.segment_arrived(seg, now)
+            return
+        listener = self._listeners.get((dst_ip, seg.dst_port)) or self._listeners.get(
+            (None, seg.dst_port)
+        )
+        if listener is None:
+            counters.drop_no_listener += 1
+            self._reset_unknown(src_ip, dst_ip, seg)
+            return
+        self._listen_input(listener, src_ip, dst_ip, seg, now)
+
+    def next_deadline(self) -> float | None:
+        """When ``on_timer`` must next run; a time already past if output is pending."""
+        if self._dirty:
+            return self._last_now
+        deadline: float | None = None
+        for conn in self._connections.values():
+            candidate = conn.next_deadline()
+            if candidate is not None and (deadline is None or candidate < deadline):
+                deadline = candidate
+        return deadline
+
+    def on_timer(self, now: float) -> None:
+        """Run due timers and send what the application queued."""
+        self._last_now = now
+        self.flush(now)
+        for conn in list(self._connections.values()):
+            deadline = conn.next_deadline()
+            if deadline is not None and deadline <= now:
+                conn.on_timer(now)
+
+    def flush(self, now: float) -> None:
+        """Transmit data queued by ``send`` and window updates queued by ``recv``."""
+        self._last_now = now
+        while self._dirty:
+            conn = self._dirty.pop()
+            conn.flush(now)
+
+
+    def transmit(self, conn: TcpConnection, segment: TcpSegment) -> None:
+        self.counters.segments_out += 1
+        self.outbox.append(
+            (conn.remote_ip, conn.local_ip, segment.emit(conn.local_ip, conn.remote_ip))
+        )
+
+    def post_event(self, conn: TcpConnection, event: TcpEvent) -> None:
+        self._events.append((conn, event))
+
+    def mark_dirty(self, conn: TcpConnection) -> None:
+        self._dirty.add(conn)
+
+    def allow_challenge_ack(self, now: float) -> bool:
+        """RFC 5961 section 7: at most ``challenge_ack_limit`` per interval."""
+        if now - self._challenge_window_start >= self.config.challenge_ack_interval:
+            self._challenge_window_start = now
+            self._challenge_count = 0
+        if self._challenge_count >= self.config.challenge_ack_limit:
+            return False
+        self._challenge_count += 1
+        return True
+
+    def connection_established(self, conn: TcpConnection) -> None:
+        listener = self._listener_of.pop(conn, None)
+        if listener is not None:
+            listener.half_open -= 1
+            if listener.closed:
+                return
+            listener.accept_queue.append(conn)
+
+    def connection_closed(self, conn: TcpConnection) -> None:
+        self._connections.pop(conn.four_tuple, None)
+        self._dirty.discard(conn)
+        listener = self._listener_of.pop(conn, None)
+        if listener is not None:
+            listener.half_open -= 1
+
+
+    def _listen_input(
+        self, listener: TcpListener, src_ip: bytes, dst_ip: bytes, seg: TcpSegment, now: float
+    ) -> None:
+        """RFC 9293 3.10.7.2 (LISTEN)."""
+        flags = seg.flags
+        if flags & RST:
+            self.counters.drop_state += 1
+            return
+        if flags & ACK:
+            self._reset_unknown(src_ip, dst_ip, seg)
+            self.counters.drop_state += 1
+            return
+        if not flags & SYN:
+            self.counters.drop_state += 1
+            return
+        if listener.pending >= listener.backlog:
+            self.counters.drop_backlog_full += 1
+            return
+        iss = self._isn.isn(dst_ip, seg.dst_port, src_ip, seg.src_port, now)
+        conn = TcpConnection(
+            self, self.config, dst_ip, seg.dst_port, src_ip, seg.src_port, iss, passive=True
+        )
+        self._connections[conn.four_tuple] = conn
+        self._listener_of[conn] = listener
+        listener.half_open += 1
+        conn.open_passive(seg, now)
+
+    def _reset_unknown(self, src_ip: bytes, dst_ip: bytes, seg: TcpSegment) -> None:
+        """RST for a segment that matches no connection (RFC 9293 3.10.7.1)."""
+        if seg.flags & RST:
+            return
+        if seg.flags & ACK:
+            reply = TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, RST, 0)
+        else:
+            reply = TcpSegment(
+                seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len), RST | ACK, 0
+            )
+        self.counters.rst_sent += 1
+        self.counters.segments_out += 1
+        self.outbox.append((src_ip, dst_ip, reply.emit(dst_ip, src_ip)))
+
+    def _pick_port(self, local_ip: bytes, remote_ip: bytes, remote_port: int) -> int:
+        """RFC 6056 algorithm 1: random port, linear probe on collision."""
+        span = len(EPHEMERAL_PORTS)
+        start = self._rng.randrange(span)
+        for step in range(span):
+            port = EPHEMERAL_PORTS[(start + step) % span]
+            if (local_ip, port, remote_ip, remote_port) not in self._connections and (
+                (None, port) not in self._listeners and (local_ip, port) not in self._listeners
+            ):
+                return port
+        raise OSError("no ephemeral port left for this remote endpoint")
+
+
+def _address(value: bytes) -> bytes:
+    raw = bytes(value)
+    if len(raw) != 4:
+        raise ValueError("an IPv4 address is 4 bytes")
+    return raw
