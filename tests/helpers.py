@@ -3,49 +3,26 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import select
 import signal
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tools import nsrun
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_in_netns(netns: str, fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any:
-    """Run ``fn(*args)`` in a forked child that first enters network namespace ``netns``."""
-    ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
-
-    def child() -> None:
-        try:
-            from pyroute2 import netns as pyroute2_netns
-
-            pyroute2_netns.setns(netns)
-            sender.send(("ok", fn(*args)))
-        except BaseException as exc:  # report everything to the parent, which raises
-            sender.send(("error", f"{exc!r}\n{traceback.format_exc()}"))
-
-    process = ctx.Process(target=child, daemon=True)
-    process.start()
-    sender.close()
+    """``fn(*args)`` in a child inside ``netns``; a failure there fails the test here."""
     try:
-        if not receiver.poll(timeout):
-            raise TimeoutError(f"client in {netns} did not finish in {timeout} s")
-        status, value = receiver.recv()
-    finally:
-        if process.is_alive():
-            process.kill()
-        process.join(5)
-        receiver.close()
-    if status != "ok":
-        raise AssertionError(f"client in {netns} failed: {value}")
-    return value
+        return nsrun.run_in_netns(netns, fn, *args, timeout=timeout)
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 class App:

@@ -293,10 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     mac = bytes.fromhex(args.mac.replace(":", ""))
     device = VnicDevice(backend, mac, [_ip_bytes(a) for a in args.address])
     host = DeviceHost(device, socket.socket(fileno=args.mgmt_fd), spin=args.spin)
+    profile_dir = os.environ.get("ARRAKIS_PROFILE_DIR")
+    profiler = None
+    if profile_dir:
+        # tools/bench --profile: where the device host's time goes, for the report.
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         host.run()
     finally:
         host.close()
+        if profiler is not None and profile_dir:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"vnic-host-{os.getpid()}.prof"))
     return 0
 
 
