@@ -172,11 +172,23 @@ def render_status(status: dict[str, Any]) -> str:
         if rows
         else "  (none)"
     )
-    filters = device.get("filters", [])
-    if isinstance(filters, list) and filters:
-        out.append("\nFilters")
-        keys = [k for k in filters[0].keys()]
-        out.append(_table([k.upper() for k in keys], [[f.get(k, "") for k in keys] for f in filters]))
+    filters = [f for f in device.get("filters", []) if isinstance(f, dict) and f.get("kind") == "filter"]
+    out.append("\nFilters (match -> function: packets, bytes, drops)")
+    if filters:
+        rows = []
+        for entry in filters:
+            match = entry.get("match", {})
+            described = " ".join(f"{k}={v}" for k, v in match.items() if v is not None)
+            rows.append(
+                [entry.get("id"), entry.get("direction"), described, entry.get("function"),
+                 entry.get("packets"), entry.get("bytes"), entry.get("drops")]
+            )
+        out.append(_table(["ID", "DIR", "MATCH", "FUNCTION", "PACKETS", "BYTES", "DROPS"], rows))
+    else:
+        out.append("  (none)")
+    table = next((f for f in device.get("filters", []) if isinstance(f, dict) and f.get("kind") == "table"), None)
+    if table is not None:
+        out.append(f"Unmatched frames (to the default function): {table.get('unmatched')}")
     default = device.get("default_function")
     if isinstance(default, dict):
         out.append("\nDefault function (kernelctl's): " + ", ".join(f"{k} {v}" for k, v in default.items()))
@@ -191,7 +203,7 @@ def render_status(status: dict[str, Any]) -> str:
     else:
         out.append("  (none)")
     if status.get("tc_missing"):
-        out.append(f"tc: {status['tc_missing']}")
+        out.append(str(status["tc_missing"]))
     return "\n".join(out)
 
 

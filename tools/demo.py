@@ -1,0 +1,156 @@
+"""The main demo: the bypass path beside the Linux baseline, with real clients.
+
+    sudo bash tools/run demo            # everything up, the demo, everything down again
+    sudo bash tools/run demo --keep     # leave the system up to explore (kernelctl down ends it)
+
+Steps: ``kernelctl up`` builds the topology and starts the device host; the same UDP echo
+application starts twice, once on the libOS over its own VNIC function (``vnic``) and once on
+Linux sockets in the baseline namespace (``linux``); then, from the client namespace, ``ping``
+and a plain UDP socket talk to both; last, ``kernelctl status`` shows the functions, filters,
+counters and rate limits the control plane set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kernelctl.names import topology
+from tools.nsrun import run_in_netns
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    shown = ["kernelctl", *argv[3:]] if argv[:3] == [sys.executable, "-m", "kernelctl.cli"] else argv
+    print("$ " + " ".join(shown), flush=True)
+    result = subprocess.run(argv, cwd=REPO, text=True, capture_output=True)
+    print(result.stdout + result.stderr, end="", flush=True)
+    if check and result.returncode != 0:
+        raise SystemExit(f"demo: {' '.join(argv)} failed")
+    return result
+
+
+def echo_round_trips(address: tuple[str, int], count: int) -> dict[str, float]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(1.0)
+    sock.connect(address)
+    rtts = []
+    intact = 0
+    for index in range(count):
+        payload = os.urandom(index % 1472 + 1)
+        start = time.perf_counter()
+        sock.send(payload)
+        try:
+            reply = sock.recv(2048)
+        except TimeoutError:
+            continue
+        rtts.append((time.perf_counter() - start) * 1e6)
+        intact += reply == payload
+    sock.close()
+    rtts.sort()
+    return {
+        "sent": count,
+        "intact": intact,
+        "p50_us": rtts[len(rtts) // 2] if rtts else float("nan"),
+        "p99_us": rtts[int(len(rtts) * 0.99)] if rtts else float("nan"),
+    }
+
+
+def refused(address: tuple[str, int]) -> bool:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(2.0)
+    sock.connect(address)
+    sock.send(b"hello?")
+    try:
+        sock.recv(64)
+    except ConnectionRefusedError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+    return False
+
+
+def start_echo(backend: str, tag: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-u", "-m", "libos.apps.echo", "--backend", backend, "--port", "7"]
+    if tag:
+        argv += ["--instance", tag]
+    print("$ python -m " + " ".join(argv[4:]) + " &", flush=True)
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    print("  " + line.strip(), flush=True)
+    if "ready" not in line:
+        process.kill()
+        raise SystemExit(f"demo: echo on {backend} did not start: {process.stdout.read()}")
+    return process
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", action="store_true", help="leave the system up at the end")
+    parser.add_argument("--instance", default="", help="topology instance (default: the DESIGN.md names)")
+    parser.add_argument("--count", type=int, default=2000, help="UDP round trips per backend")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("demo: run as root (it builds network namespaces and a tap)", file=sys.stderr)
+        return 1
+    topo = topology(args.instance)
+    kernelctl = [sys.executable, "-m", "kernelctl.cli"] + (["--instance", args.instance] if args.instance else [])
+    apps: list[subprocess.Popen[str]] = []
+    try:
+        banner("1. The control plane comes up: namespaces, bridge, tap, veth, tc roots, the VNIC device host")
+        run([*kernelctl, "up"])
+
+        banner("2. The same UDP echo application, on the libOS (vnic) and on Linux sockets (linux)")
+        apps = [start_echo("vnic", args.instance), start_echo("linux", args.instance)]
+
+        banner(f"3. ping from the client namespace {topo.client_netns}")
+        for ip in (topo.vnic_ip, topo.linux_ip):
+            run(["ip", "netns", "exec", topo.client_netns, "ping", "-c", "3", "-i", "0.2", ip])
+
+        banner(f"4. {args.count} UDP datagrams of 1..1472 bytes to each echo server")
+        for name, ip in (("vnic ", topo.vnic_ip), ("linux", topo.linux_ip)):
+            result = run_in_netns(topo.client_netns, echo_round_trips, (ip, 7), args.count, timeout=300)
+            print(
+                f"  {name} {ip}: {result['intact']}/{result['sent']} came back intact, "
+                f"RTT p50 {result['p50_us']:.0f} us, p99 {result['p99_us']:.0f} us",
+                flush=True,
+            )
+        unclaimed = run_in_netns(topo.client_netns, refused, (topo.vnic_ip, 9999))
+        print(f"  a datagram to {topo.vnic_ip}:9999 (no app claimed it): "
+              f"{'ICMP port unreachable, the socket sees ECONNREFUSED' if unclaimed else 'no answer'}")
+
+        banner("5. kernelctl status: functions, filters, counters, rate limits")
+        run([*kernelctl, "status"])
+    finally:
+        for process in apps:
+            process.terminate()
+            try:
+                out, _ = process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                out, _ = process.communicate()
+            for line in out.splitlines():
+                print("  " + line)
+        if args.keep:
+            print("\nThe system stays up; `.venv/bin/kernelctl down` removes it.")
+        else:
+            banner("6. kernelctl down: every namespace, link, tc rule, process and file goes")
+            run([*kernelctl, "down"], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
