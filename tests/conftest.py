@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -76,3 +77,33 @@ def instance() -> Iterator[Topology]:
             subprocess.run(["ip", "netns", "del", topo.linux_netns], capture_output=True)
             shutil.rmtree(topo.run_dir, ignore_errors=True)
             pytest.fail(f"kernelctl down left: {left}")
+
+
+_TEST_NAMES = re.compile(r"(arx-t[0-9a-f]{5}-|vnict[0-9a-f]{5}|arx(br|vb|vl|ifb)t[0-9a-f]{5})")
+
+
+def suite_leftovers() -> list[str]:
+    """Namespaces, links, loop devices and processes that tests made and did not remove."""
+    found = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [f"netns {line.split()[0]}" for line in netns.splitlines() if _TEST_NAMES.match(line)]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for line in links.splitlines():
+        name = line.split(": ")[1].split("@")[0] if ": " in line else ""
+        if _TEST_NAMES.fullmatch(name):
+            found.append(f"link {name}")
+    procs = subprocess.run(["pgrep", "-af", r"--instance t[0-9a-f]{5}|--tap vnict"], capture_output=True, text=True)
+    found += [f"process {line}" for line in procs.stdout.splitlines() if "pgrep" not in line]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    found += [f"loop {line}" for line in loops.splitlines() if "arx-" in line]
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # The house rule: after the suite nothing of ours is left. A leak fails the run.
+    if os.geteuid() != 0:
+        return
+    left = suite_leftovers()
+    if left:
+        print("\nthe test suite left these behind:\n  " + "\n  ".join(left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
