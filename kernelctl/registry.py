@@ -1,0 +1,470 @@
+"""The registry of virtual storage areas (VSAs), persisted in SQLite.
+
+A VSA is a list of extents on the physical raw image: ``(physical_block, block_count)``
+pairs in VSA order. The registry hands out space first-fit, in whole extent units, and
+guarantees that no two VSAs ever share a block and none reaches past the device. Every
+change (create, resize, delete, grant, revoke) is one SQLite transaction, so a crash in the
+middle leaves the registry as it was before the change: no overlap, no leaked extent.
+
+Units: a block is 4096 bytes (the page size, so a direct-I/O buffer of whole blocks is
+always aligned, and a block of every sector size a loop device uses, 512..4096). Space is
+allocated in extent units of 1 MiB (256 blocks); VSA sizes are rounded up to that unit, which
+keeps the free list coarse and the extent lists short.
+
+Access is decided by uid: root may do anything; the owner reads, writes, resizes, deletes
+and grants; other uids read ("ro") or read and write ("rw") only what they were granted.
+
+The database file is input like any other: everything read back is checked (types, ranges,
+names, no overlap, sizes that add up) and anything wrong is a :class:`RegistryError`, never
+a crash of the daemon.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal, NamedTuple, TypeGuard
+
+BLOCK_SIZE = 4096
+EXTENT_UNIT_BLOCKS = 256  # 1 MiB
+SCHEMA_VERSION = 1
+ROOT_UID = 0
+# uid_t is 32 bits and (uid_t)-1 means "no uid" to setreuid(2) and chown(2).
+MAX_UID = 2**32 - 2
+# Keep every block number inside a signed 64-bit SQLite INTEGER and a u64 descriptor field.
+MAX_CAPACITY_BLOCKS = 2**62 // BLOCK_SIZE
+
+Mode = Literal["ro", "rw"]
+_MODES: frozenset[str] = frozenset({"ro", "rw"})
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+_SCHEMA = (
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "CREATE TABLE vsa (name TEXT PRIMARY KEY, owner_uid INTEGER NOT NULL, size_blocks INTEGER NOT NULL)",
+    "CREATE TABLE extent (vsa TEXT NOT NULL REFERENCES vsa(name), seq INTEGER NOT NULL,"
+    " physical_block INTEGER NOT NULL, block_count INTEGER NOT NULL, PRIMARY KEY (vsa, seq))",
+    "CREATE TABLE vsa_grant (vsa TEXT NOT NULL REFERENCES vsa(name), uid INTEGER NOT NULL,"
+    " mode TEXT NOT NULL, PRIMARY KEY (vsa, uid))",
+)
+
+
+class RegistryError(Exception):
+    """A registry operation failed, or the database does not hold what it must."""
+
+
+class NotFound(RegistryError, KeyError):
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class AccessDenied(RegistryError, PermissionError):
+    pass
+
+
+class OutOfRange(RegistryError, ValueError):
+    """A block range that is not inside the VSA."""
+
+
+class Extent(NamedTuple):
+    physical_block: int
+    block_count: int
+
+
+@dataclass(frozen=True)
+class Vsa:
+    name: str
+    owner_uid: int
+    size_blocks: int
+    extents: tuple[Extent, ...]  # in VSA order: VSA block 0 is extents[0].physical_block
+    grants: Mapping[int, Mode] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def size_bytes(self) -> int:
+        return self.size_blocks * BLOCK_SIZE
+
+    def allows(self, uid: int, write: bool) -> bool:
+        if uid == ROOT_UID or uid == self.owner_uid:
+            return True
+        mode = self.grants.get(uid)
+        return mode == "rw" or (mode == "ro" and not write)
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in (".", ".."):
+        raise RegistryError(f"bad VSA name {name!r}: 1-64 characters of A-Z a-z 0-9 . _ -")
+    return name
+
+
+def _validate_uid(uid: object, what: str = "uid") -> int:
+    if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid <= MAX_UID:
+        raise RegistryError(f"bad {what} {uid!r}")
+    return uid
+
+
+def blocks_for(size_bytes: int) -> int:
+    """``size_bytes`` in blocks, rounded up to whole extent units."""
+    if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes <= 0:
+        raise RegistryError(f"bad VSA size {size_bytes!r}: a positive number of bytes")
+    unit_bytes = EXTENT_UNIT_BLOCKS * BLOCK_SIZE
+    return -(-size_bytes // unit_bytes) * EXTENT_UNIT_BLOCKS
+
+
+def translate(vsa: Vsa, block: int, count: int) -> list[tuple[int, int]]:
+    """Map ``count`` VSA blocks from ``block`` to physical ``(block, count)`` runs, in order.
+
+    The range check is written the way it must be in a fixed-width language
+    (``count > size - block`` after ``block <= size``), so ``block + count`` can never wrap
+    even for u64 values from a hostile descriptor.
+    """
+    for value, what in ((block, "block"), (count, "count")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OutOfRange(f"{what} must be an integer, not {type(value).__name__}")
+    if count <= 0:
+        raise OutOfRange(f"block count {count} must be positive")
+    if block < 0 or block > vsa.size_blocks or count > vsa.size_blocks - block:
+        raise OutOfRange(f"blocks [{block}, +{count}) are outside VSA {vsa.name!r} of {vsa.size_blocks} blocks")
+    runs: list[tuple[int, int]] = []
+    extent_start = 0  # VSA block at which the current extent begins
+    remaining = count
+    position = block
+    for extent in vsa.extents:
+        extent_end = extent_start + extent.block_count
+        if position < extent_end:
+            offset = position - extent_start
+            take = min(remaining, extent.block_count - offset)
+            runs.append((extent.physical_block + offset, take))
+            remaining -= take
+            position += take
+            if remaining == 0:
+                return runs
+        extent_start = extent_end
+    # Only reachable when the extents do not cover size_blocks, which _load rules out.
+    raise RegistryError(f"VSA {vsa.name!r}: extents cover fewer than {vsa.size_blocks} blocks")
+
+
+def free_extents(used: list[Extent], capacity_blocks: int) -> list[Extent]:
+    """The gaps between ``used`` extents (any order, not overlapping), in block order."""
+    gaps = []
+    cursor = 0
+    for extent in sorted(used):
+        if extent.physical_block > cursor:
+            gaps.append(Extent(cursor, extent.physical_block - cursor))
+        cursor = max(cursor, extent.physical_block + extent.block_count)
+    if capacity_blocks > cursor:
+        gaps.append(Extent(cursor, capacity_blocks - cursor))
+    return gaps
+
+
+def _append_extent(extents: list[Extent], new: Extent) -> None:
+    """Append, merging with the last extent when physically contiguous (shorter lists)."""
+    if extents and extents[-1].physical_block + extents[-1].block_count == new.physical_block:
+        last = extents.pop()
+        extents.append(Extent(last.physical_block, last.block_count + new.block_count))
+    else:
+        extents.append(new)
+
+
+class Registry:
+    """VSAs on one physical device of ``capacity_blocks`` blocks, persisted at ``path``.
+
+    ``capacity_blocks`` is recorded when the database is created; on reopen, None keeps the
+    recorded value, and a different value is accepted only when every extent still fits
+    (the image grew, or shrank only past free space).
+    """
+
+    def __init__(self, path: str | Path, capacity_blocks: int | None = None) -> None:
+        if capacity_blocks is not None:
+            if isinstance(capacity_blocks, bool) or not isinstance(capacity_blocks, int):
+                raise RegistryError(f"bad capacity {capacity_blocks!r}")
+            if not EXTENT_UNIT_BLOCKS <= capacity_blocks <= MAX_CAPACITY_BLOCKS:
+                raise RegistryError(f"capacity {capacity_blocks} blocks is out of range")
+        self.path = Path(path)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction spans
+            # exactly one registry operation.
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open the registry {self.path}: {exc}") from exc
+        try:
+            self._open(capacity_blocks)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self, capacity_blocks: int | None) -> None:
+        with self._transaction() as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                if capacity_blocks is None:
+                    raise RegistryError(f"{self.path} is a new registry: its capacity must be given")
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                db.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("block_size", BLOCK_SIZE), ("extent_unit_blocks", EXTENT_UNIT_BLOCKS),
+                     ("capacity_blocks", capacity_blocks)],
+                )
+                return
+            self._check_schema(db)
+            vsas, stored_capacity = self._load(db)
+            if capacity_blocks is not None and capacity_blocks != stored_capacity:
+                end = max((e.physical_block + e.block_count for v in vsas.values() for e in v.extents), default=0)
+                if end > capacity_blocks:
+                    raise RegistryError(
+                        f"capacity {capacity_blocks} blocks is below allocated block {end}; shrink VSAs first"
+                    )
+                db.execute("UPDATE meta SET value = ? WHERE key = 'capacity_blocks'", (capacity_blocks,))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: the write lock is taken up front, so the check and the
+        change it depends on see the same database even with a second writer."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry {self.path} is unusable: {exc}") from exc
+        try:
+            yield db
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise RegistryError(f"registry {self.path}: {exc}") from exc
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. after SQLITE_FULL); nothing is committed
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        try:
+            rows = db.execute("SELECT version FROM schema_version").fetchall()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"{self.path} is not a VSA registry: {exc}") from exc
+        if len(rows) != 1 or rows[0][0] != SCHEMA_VERSION:
+            raise RegistryError(f"{self.path}: unsupported schema version {rows!r} (want {SCHEMA_VERSION})")
+
+    def _load(self, db: sqlite3.Connection) -> tuple[dict[str, Vsa], int]:
+        """Read and check everything; returns the VSAs by name and the capacity in blocks."""
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("block_size") != BLOCK_SIZE or meta.get("extent_unit_blocks") != EXTENT_UNIT_BLOCKS:
+            raise RegistryError(f"{self.path}: block size or extent unit differs from this version's")
+        capacity = meta.get("capacity_blocks")
+        if not _is_int(capacity) or not EXTENT_UNIT_BLOCKS <= capacity <= MAX_CAPACITY_BLOCKS:
+            raise RegistryError(f"{self.path}: corrupt capacity {capacity!r}")
+        rows: dict[str, tuple[int, int]] = {}
+        for name, owner, size in db.execute("SELECT name, owner_uid, size_blocks FROM vsa"):
+            self._check_row(name, owner, size)
+            rows[name] = (owner, size)
+        extents: dict[str, list[Extent]] = {name: [] for name in rows}
+        expected_seq: dict[str, int] = {name: 0 for name in rows}
+        every_extent: list[tuple[Extent, str]] = []
+        for name, seq, start, count in db.execute(
+            "SELECT vsa, seq, physical_block, block_count FROM extent ORDER BY vsa, seq"
+        ):
+            if name not in rows:
+                raise RegistryError(f"{self.path}: extent of unknown VSA {name!r}")
+            if seq != expected_seq[name]:
+                raise RegistryError(f"{self.path}: VSA {name!r} has a gap in its extent list")
+            expected_seq[name] += 1
+            if not (_is_int(start) and _is_int(count) and start >= 0 and count > 0 and start + count <= capacity):
+                raise RegistryError(f"{self.path}: VSA {name!r} has a bad extent ({start!r}, {count!r})")
+            if start % EXTENT_UNIT_BLOCKS or count % EXTENT_UNIT_BLOCKS:
+                raise RegistryError(f"{self.path}: VSA {name!r} has an unaligned extent ({start}, {count})")
+            extent = Extent(start, count)
+            extents[name].append(extent)
+            every_extent.append((extent, name))
+        every_extent.sort()
+        for (before, owner_before), (after, owner_after) in zip(every_extent, every_extent[1:]):
+            if before.physical_block + before.block_count > after.physical_block:
+                raise RegistryError(f"{self.path}: VSAs {owner_before!r} and {owner_after!r} overlap")
+        grants: dict[str, dict[int, Mode]] = {name: {} for name in rows}
+        for name, uid, mode in db.execute("SELECT vsa, uid, mode FROM vsa_grant"):
+            if name not in rows or not _is_int(uid) or not 0 <= uid <= MAX_UID or mode not in _MODES:
+                raise RegistryError(f"{self.path}: bad grant ({name!r}, {uid!r}, {mode!r})")
+            grants[name][uid] = "rw" if mode == "rw" else "ro"
+        vsas = {}
+        for name, (owner, size) in rows.items():
+            if sum(e.block_count for e in extents[name]) != size:
+                raise RegistryError(f"{self.path}: the extents of VSA {name!r} do not add up to its size")
+            vsas[name] = Vsa(name, owner, size, tuple(extents[name]), MappingProxyType(grants[name]))
+        return vsas, capacity
+
+    def _check_row(self, name: object, owner: object, size: object) -> None:
+        if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in (".", ".."):
+            raise RegistryError(f"{self.path}: bad VSA name {name!r}")
+        if not _is_int(owner) or not 0 <= owner <= MAX_UID:
+            raise RegistryError(f"{self.path}: VSA {name!r} has a bad owner {owner!r}")
+        if not _is_int(size) or size <= 0 or size % EXTENT_UNIT_BLOCKS:
+            raise RegistryError(f"{self.path}: VSA {name!r} has a bad size {size!r}")
+
+    def _write_extents(self, db: sqlite3.Connection, name: str, extents: builtins.list[Extent]) -> None:
+        db.execute("DELETE FROM extent WHERE vsa = ?", (name,))
+        db.executemany(
+            "INSERT INTO extent (vsa, seq, physical_block, block_count) VALUES (?, ?, ?, ?)",
+            [(name, seq, e.physical_block, e.block_count) for seq, e in enumerate(extents)],
+        )
+
+    def _managed(self, vsas: dict[str, Vsa], name: str, uid: int) -> Vsa:
+        """The VSA, if ``uid`` may change it (its owner, or root)."""
+        vsa = vsas.get(name)
+        if vsa is None:
+            raise NotFound(f"no VSA named {name!r}")
+        if uid != ROOT_UID and uid != vsa.owner_uid:
+            raise AccessDenied(f"uid {uid} does not own VSA {name!r}")
+        return vsa
+
+    @staticmethod
+    def _allocate(vsas: dict[str, Vsa], capacity: int, blocks: int) -> builtins.list[Extent]:
+        """First fit: take free space from the lowest gaps until ``blocks`` are found."""
+        used = [extent for vsa in vsas.values() for extent in vsa.extents]
+        usable = capacity - capacity % EXTENT_UNIT_BLOCKS
+        gaps = free_extents(used, usable)
+        available = sum(gap.block_count for gap in gaps)
+        if blocks > available:
+            raise RegistryError(f"no space: {blocks} blocks wanted, {available} free")
+        taken: list[Extent] = []
+        for gap in gaps:
+            take = min(gap.block_count, blocks)
+            taken.append(Extent(gap.physical_block, take))
+            blocks -= take
+            if blocks == 0:
+                break
+        return taken
+
+    def create_vsa(self, name: str, size_bytes: int, owner_uid: int) -> Vsa:
+        validate_name(name)
+        _validate_uid(owner_uid, "owner uid")
+        blocks = blocks_for(size_bytes)
+        with self._transaction() as db:
+            vsas, capacity = self._load(db)
+            if name in vsas:
+                raise RegistryError(f"VSA {name!r} already exists")
+            extents: list[Extent] = []
+            for extent in self._allocate(vsas, capacity, blocks):
+                _append_extent(extents, extent)
+            db.execute("INSERT INTO vsa (name, owner_uid, size_blocks) VALUES (?, ?, ?)", (name, owner_uid, blocks))
+            self._write_extents(db, name, extents)
+        return Vsa(name, owner_uid, blocks, tuple(extents), MappingProxyType({}))
+
+    def resize_vsa(self, name: str, size_bytes: int, uid: int) -> Vsa:
+        """Grow by appending extents (first fit) or shrink by releasing the tail."""
+        validate_name(name)
+        _validate_uid(uid)
+        blocks = blocks_for(size_bytes)
+        with self._transaction() as db:
+            vsas, capacity = self._load(db)
+            vsa = self._managed(vsas, name, uid)
+            extents = list(vsa.extents)
+            if blocks > vsa.size_blocks:
+                for extent in self._allocate(vsas, capacity, blocks - vsa.size_blocks):
+                    _append_extent(extents, extent)
+            elif blocks < vsa.size_blocks:
+                excess = vsa.size_blocks - blocks
+                while excess:
+                    last = extents.pop()
+                    if last.block_count > excess:
+                        extents.append(Extent(last.physical_block, last.block_count - excess))
+                        excess = 0
+                    else:
+                        excess -= last.block_count
+            else:
+                return vsa
+            db.execute("UPDATE vsa SET size_blocks = ? WHERE name = ?", (blocks, name))
+            self._write_extents(db, name, extents)
+        return Vsa(name, vsa.owner_uid, blocks, tuple(extents), vsa.grants)
+
+    def delete_vsa(self, name: str, uid: int) -> None:
+        validate_name(name)
+        _validate_uid(uid)
+        with self._transaction() as db:
+            vsas, _ = self._load(db)
+            self._managed(vsas, name, uid)
+            db.execute("DELETE FROM extent WHERE vsa = ?", (name,))
+            db.execute("DELETE FROM vsa_grant WHERE vsa = ?", (name,))
+            db.execute("DELETE FROM vsa WHERE name = ?", (name,))
+
+    def grant(self, name: str, uid: int, mode: Mode, by_uid: int) -> Vsa:
+        """Let ``uid`` read (``"ro"``) or read and write (``"rw"``); replaces an earlier grant."""
+        validate_name(name)
+        _validate_uid(uid)
+        _validate_uid(by_uid)
+        if mode not in _MODES:
+            raise RegistryError(f"bad mode {mode!r}: 'ro' or 'rw'")
+        with self._transaction() as db:
+            vsas, _ = self._load(db)
+            vsa = self._managed(vsas, name, by_uid)
+            if uid == vsa.owner_uid:
+                raise RegistryError(f"uid {uid} owns VSA {name!r} already")
+            db.execute("INSERT OR REPLACE INTO vsa_grant (vsa, uid, mode) VALUES (?, ?, ?)", (name, uid, mode))
+        return Vsa(vsa.name, vsa.owner_uid, vsa.size_blocks, vsa.extents, MappingProxyType({**vsa.grants, uid: mode}))
+
+    def revoke(self, name: str, uid: int, by_uid: int) -> Vsa:
+        """Take back ``uid``'s grant; no error when there was none."""
+        validate_name(name)
+        _validate_uid(uid)
+        _validate_uid(by_uid)
+        with self._transaction() as db:
+            vsas, _ = self._load(db)
+            vsa = self._managed(vsas, name, by_uid)
+            db.execute("DELETE FROM vsa_grant WHERE vsa = ? AND uid = ?", (name, uid))
+        grants = {grantee: mode for grantee, mode in vsa.grants.items() if grantee != uid}
+        return Vsa(vsa.name, vsa.owner_uid, vsa.size_blocks, vsa.extents, MappingProxyType(grants))
+
+    def check_access(self, name: str, uid: int, write: bool) -> Vsa:
+        """The VSA if ``uid`` may read it (or write it, with ``write``); AccessDenied if not."""
+        vsa = self.get(name)
+        _validate_uid(uid)
+        if not vsa.allows(uid, write):
+            raise AccessDenied(f"uid {uid} may not {'write' if write else 'read'} VSA {name!r}")
+        return vsa
+
+    def get(self, name: str) -> Vsa:
+        validate_name(name)
+        vsa = self._snapshot()[0].get(name)
+        if vsa is None:
+            raise NotFound(f"no VSA named {name!r}")
+        return vsa
+
+    def list(self) -> builtins.list[Vsa]:
+        vsas, _ = self._snapshot()
+        return [vsas[name] for name in sorted(vsas)]
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self._snapshot()[1]
+
+    def free_blocks(self) -> int:
+        vsas, capacity = self._snapshot()
+        usable = capacity - capacity % EXTENT_UNIT_BLOCKS
+        return usable - sum(vsa.size_blocks for vsa in vsas.values())
+
+    def _snapshot(self) -> tuple[dict[str, Vsa], int]:
+        # A transaction even for reads: the tables are read at one consistent point.
+        with self._transaction() as db:
+            return self._load(db)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
