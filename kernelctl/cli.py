@@ -2,7 +2,10 @@
 
     kernelctl up        start the daemon and the device host, build the topology (idempotent)
     kernelctl down      remove every namespace, link, tc rule, process and file it made
+                        (images and the VSA registry stay; --purge deletes them too)
     kernelctl status    functions, filters and rate limits with their counters (-j: JSON)
+    kernelctl vsa create NAME SIZE | resize NAME SIZE | delete NAME | ls
+    kernelctl vsa grant NAME UID ro|rw | revoke NAME UID
 
 ``--instance TAG`` selects a side-by-side instance with its own names (tests use this).
 """
@@ -20,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kernelctl import tc, topology
+from kernelctl import storage, tc, topology
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
@@ -113,8 +116,14 @@ def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
     except Exception:
         pass
     topology.destroy(topo)
+    try:
+        storage.stop_images(topo)
+    except Exception as exc:
+        print(f"kernelctl: releasing images: {exc}", file=sys.stderr)
     shutil.rmtree(topo.run_dir, ignore_errors=True)
-    print(f"kernelctl: down (instance {topo.tag or 'default'})")
+    if args.purge:
+        storage.purge(topo)
+    print(f"kernelctl: down (instance {topo.tag or 'default'}{', purged' if args.purge else ''})")
     return 0
 
 
@@ -221,6 +230,51 @@ def cmd_status(topo: Topology, args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' (bytes); binary units, as dd and truncate read them."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if cleaned and cleaned[-1] in units:
+            return int(float(cleaned[:-1]) * units[cleaned[-1]])
+        return int(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (try 64M or 1G)") from None
+
+
+def cmd_vsa(topo: Topology, args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {}
+    if args.vsa_command in ("create", "resize"):
+        fields = {"name": args.name, "size_bytes": args.size}
+    elif args.vsa_command == "delete":
+        fields = {"name": args.name}
+    elif args.vsa_command == "grant":
+        fields = {"name": args.name, "uid": args.uid, "mode": args.mode}
+    elif args.vsa_command == "revoke":
+        fields = {"name": args.name, "uid": args.uid}
+    try:
+        with ControlClient(topo.control_socket, timeout=10.0) as client:
+            result, _fds = client.request(f"vsa_{'list' if args.vsa_command == 'ls' else args.vsa_command}", **fields)
+    except ControlError as exc:
+        print(f"kernelctl: {exc}", file=sys.stderr)
+        return 1
+    if args.vsa_command != "ls":
+        if result is not None:
+            print(f"kernelctl: VSA {result['name']}: {result['size_bytes'] >> 20} MiB in {len(result['extents'])} extent(s)")
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    rows = [
+        [v["name"], v["owner_uid"], f"{v['size_bytes'] >> 20}M", " ".join(f"{b}+{n}" for b, n in v["extents"]),
+         ",".join(f"{uid}:{mode}" for uid, mode in v["grants"].items()) or "-"]
+        for v in result["vsas"]
+    ]
+    print(f"capacity {result['capacity_bytes'] >> 20} MiB, free {result['free_bytes'] >> 20} MiB (4 KiB blocks)")
+    print(_table(["NAME", "OWNER", "SIZE", "EXTENTS (block+count)", "GRANTS"], rows) if rows else "  (no VSAs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernelctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance", default="", help="topology instance tag (default: the DESIGN.md names)")
@@ -228,9 +282,26 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="start the control plane and build the topology")
     up.add_argument("--policy", type=Path, default=None, help="policy file (default /etc/arrakis/policy.toml)")
     up.add_argument("--spin", type=float, default=None, help="device host polling window in seconds")
-    commands.add_parser("down", help="tear everything down")
+    down = commands.add_parser("down", help="tear everything down")
+    down.add_argument("--purge", action="store_true", help="also delete the images and the VSA registry")
     status = commands.add_parser("status", help="functions, filters, rate limits and counters")
     status.add_argument("-j", "--json", action="store_true", help="JSON output")
+    vsa = commands.add_parser("vsa", help="virtual storage areas")
+    vsa_commands = vsa.add_subparsers(dest="vsa_command", required=True)
+    for name, help_text in (("create", "make a VSA"), ("resize", "grow or shrink a VSA")):
+        sub = vsa_commands.add_parser(name, help=help_text)
+        sub.add_argument("name")
+        sub.add_argument("size", type=parse_size)
+    vsa_commands.add_parser("delete", help="delete a VSA").add_argument("name")
+    ls = vsa_commands.add_parser("ls", help="list VSAs")
+    ls.add_argument("-j", "--json", action="store_true")
+    grant = vsa_commands.add_parser("grant", help="let another uid use a VSA (the shared-VSA way)")
+    grant.add_argument("name")
+    grant.add_argument("uid", type=int)
+    grant.add_argument("mode", choices=("ro", "rw"))
+    revoke = vsa_commands.add_parser("revoke", help="take a grant back")
+    revoke.add_argument("name")
+    revoke.add_argument("uid", type=int)
     args = parser.parse_args(argv)
     if args.command in ("up", "down") and os.geteuid() != 0:
         print("kernelctl: up and down need root", file=sys.stderr)
@@ -240,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kernelctl: {exc}", file=sys.stderr)
         return 2
-    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status}
+    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "vsa": cmd_vsa}
     return handlers[args.command](topo, args)
 
 

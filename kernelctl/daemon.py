@@ -31,6 +31,7 @@ from kernelctl.hostproc import DeviceHostProcess
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
 from kernelctl.policy import PROTOCOLS, Policy, PolicyError
+from kernelctl.storage import StoragePlane, StorageRequestError
 from vdev import mgmt
 
 log = logging.getLogger("kernelctl")
@@ -81,6 +82,7 @@ class Daemon:
         self.running = True
         self._next_function = 1
         self.tc_missing = ""
+        self.storage = StoragePlane(topo)
 
     # ---- life cycle --------------------------------------------------------------------
 
@@ -94,6 +96,7 @@ class Daemon:
         except Exception as exc:  # a kernel without htb/ifb still gets the device limiters
             log.warning("tc rate limits unavailable: %s", exc)
             self.tc_missing = f"{self.tc_missing}; tc roots failed: {exc}".strip("; ")
+        self.storage.start()
         self._start_host()
         path = topo.control_socket
         try:
@@ -144,6 +147,10 @@ class Daemon:
             tc.teardown(self.topo)
         except Exception as exc:
             log.warning("tc teardown: %s", exc)
+        try:
+            self.storage.stop()
+        except Exception as exc:
+            log.warning("storage: %s", exc)
         topology.destroy(self.topo)
         for path in (self.topo.control_socket, self.topo.pid_file):
             try:
@@ -251,6 +258,11 @@ class Daemon:
             return self.status(), []
         if op == "set_rate":
             return self._set_rate(caller, message), []
+        if isinstance(op, str) and op.startswith("vsa_"):
+            try:
+                return self.storage.handle(op, caller.uid, message), []
+            except StorageRequestError as exc:
+                raise RequestError(str(exc)) from None
         if op == "shutdown":
             if caller.uid != 0:
                 raise RequestError("only root may shut kernelctl down")
@@ -485,6 +497,7 @@ class Daemon:
             "device": device,
             "tc_classes": classes,
             "tc_missing": self.tc_missing,
+            "storage": self.storage.status(),
         }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from kernelctl.names import Topology
 from vdev import mgmt
+from vdev.vnic.faults import ENV_VAR as FAULTS_ENV_VAR
 
 REQUEST_TIMEOUT = 5.0
 
@@ -55,6 +56,10 @@ class DeviceHostProcess:
         ]
         if spin is not None:
             argv += ["--spin", str(spin)]
+        faults = os.environ.get(FAULTS_ENV_VAR, "")
+        if faults:
+            # Tests ask for a lossy wire this way; the device host checks the value.
+            argv += ["--faults", faults]
         log_path = topo.run_dir / "vnic-host.log"
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(

@@ -15,6 +15,8 @@ from pathlib import Path
 
 _TAG = re.compile(r"^[a-z0-9]{1,6}$")
 RUN_ROOT = Path(os.environ.get("ARRAKIS_RUN_DIR", "/run/arrakis"))
+# What must survive `kernelctl down` (the images and the VSA registry) lives here.
+STATE_ROOT = Path(os.environ.get("ARRAKIS_STATE_DIR", "/var/lib/arrakis"))
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,23 @@ class Topology:
     @property
     def pid_file(self) -> Path:
         return self.run_dir / "kernelctl.pid"
+
+    @property
+    def state_dir(self) -> Path:
+        return STATE_ROOT / (self.tag or "default")
+
+    @property
+    def image_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def baseline_mount(self) -> Path:
+        """Where the ext4 image of the Linux baseline is mounted (the baseline's files)."""
+        return self.state_dir / "baseline"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.sqlite"
 
     @property
     def link_names(self) -> tuple[str, ...]:

@@ -53,6 +53,12 @@ def leftovers(topo: Topology) -> list[str]:
             found.append(f"link {name}")
     if topo.run_dir.exists():
         found.append(f"dir {topo.run_dir}")
+    if topo.state_dir.exists():
+        found.append(f"dir {topo.state_dir}")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    found += [f"loop {line}" for line in loops.splitlines() if str(topo.state_dir) in line]
+    mounts = Path("/proc/mounts").read_text()
+    found += [f"mount {line}" for line in mounts.splitlines() if str(topo.state_dir) in line]
     procs = subprocess.run(["pgrep", "-af", f"--instance {topo.tag}"], capture_output=True, text=True).stdout
     procs += subprocess.run(["pgrep", "-af", f"--tap {topo.tap}"], capture_output=True, text=True).stdout
     found += [f"process {line}" for line in procs.splitlines() if "pgrep" not in line]
@@ -69,16 +75,20 @@ def instance() -> Iterator[Topology]:
         kernelctl(tag, "up")
         yield topo
     finally:
-        kernelctl(tag, "down", check=False)
+        kernelctl(tag, "down", "--purge", check=False)
         left = leftovers(topo)
         if left:
             # Clean by force so one failure does not poison the rest of the suite, then fail.
             subprocess.run(["ip", "netns", "del", topo.client_netns], capture_output=True)
             subprocess.run(["ip", "netns", "del", topo.linux_netns], capture_output=True)
             shutil.rmtree(topo.run_dir, ignore_errors=True)
+            from kernelctl import storage
+
+            storage.purge(topo)
             pytest.fail(f"kernelctl down left: {left}")
 
 
+_TEST_IMAGES = re.compile(r"/t[0-9a-f]{5}/")
 _TEST_NAMES = re.compile(r"(arx-t[0-9a-f]{5}-|vnict[0-9a-f]{5}|arx(br|vb|vl|ifb)t[0-9a-f]{5})")
 
 
@@ -95,7 +105,9 @@ def suite_leftovers() -> list[str]:
     procs = subprocess.run(["pgrep", "-af", r"--instance t[0-9a-f]{5}|--tap vnict"], capture_output=True, text=True)
     found += [f"process {line}" for line in procs.stdout.splitlines() if "pgrep" not in line]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    found += [f"loop {line}" for line in loops.splitlines() if "arx-" in line]
+    found += [f"loop {line}" for line in loops.splitlines() if "arx-" in line or _TEST_IMAGES.search(line)]
+    mounts = Path("/proc/mounts").read_text()
+    found += [f"mount {line}" for line in mounts.splitlines() if _TEST_IMAGES.search(line)]
     return found
 
 
