@@ -137,16 +137,30 @@ def test_two_apps_are_isolated_and_ports_are_exclusive(instance: Topology) -> No
         assert second.stats()["received"] == 100
 
 
+def tc_classes(topo: Topology) -> str:
+    shown = ""
+    for dev in (topo.tap, topo.ifb):
+        shown += subprocess.run(
+            ["tc", "-n", topo.client_netns, "class", "show", "dev", dev], capture_output=True, text=True
+        ).stdout
+    return shown
+
+
 def test_killed_app_is_reclaimed_within_a_second(instance: Topology) -> None:
-    app = echo_app("vnic", instance.tag, 7)
+    app = echo_app("vnic", instance.tag, 7, "--rate", "20mbit")
     try:
         assert len(status(instance)["functions"]) == 1  # type: ignore[arg-type]
+        assert tc_classes(instance).count("rate 20Mbit") == 2  # toward the app and from it
         app.process.kill()
         app.process.wait()
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and status(instance)["functions"]:
+        while time.monotonic() < deadline and (status(instance)["functions"] or "rate 20Mbit" in tc_classes(instance)):
             time.sleep(0.05)
         assert status(instance)["functions"] == []
+        assert "rate 20Mbit" not in tc_classes(instance)
+        device = status(instance)["device"]
+        assert device["functions"] == []  # type: ignore[index]
+        assert [f for f in device["filters"] if f["kind"] == "filter"] == []  # type: ignore[index]
     finally:
         app.stop()
     # The port is free again.
