@@ -174,3 +174,57 @@ def vnic_ring_index(queue: int, direction: int) -> int:
 # The device raises MSI-X vector q (one per queue pair or request queue) by writing the
 # eventfd the driver registered with SET_IRQS; only when that ring's irq_wanted is set.
 IRQ_INDEX_MSIX: Final = 2
+
+
+# --- VSIC: the virtual storage controller -------------------------------------------
+# A VSIC function serves one virtual storage area (VSA): ``capacity_blocks`` blocks of
+# VSIC_BLOCK_SIZE bytes, numbered from 0, that the device maps onto extents of its image.
+# In the register page, ``num_queues`` is the number of request queues (request queue q
+# is ring q), ``max_frame`` is the block size, ``capacity_blocks`` the VSA's size, and
+# STATUS_READ_ONLY in ``status`` says that writes will be refused.
+#
+# Each request queue is ONE ring: the completion is written back into the slot of its
+# request (as the VNIC does), so there is no separate response ring to size or overflow,
+# and a driver that never reaps simply finds its ring full. The device completes the
+# requests of one ring in order; ``cons`` says how many are complete. Request descriptor
+# (32 bytes):
+#
+#   off size field        written by  meaning
+#   0   u8   opcode       driver      VSIC_OP_*
+#   1   u8   flags        driver      VSIC_FLAG_* (unknown bits: DESC_BAD_OPCODE)
+#   2   u16  status       device      DESC_* completion status (valid once cons passed it)
+#   4   u32  tag          driver      opaque; the device writes back the tag it acted on
+#   8   u64  vsa_block    driver      first block, in VSA blocks (read, write)
+#   16  u32  block_count  driver      1..VSIC_MAX_REQUEST_BLOCKS (read, write)
+#   20  u32  reserved     driver      0
+#   24  u64  buffer_iova  driver      VSIC_BLOCK_SIZE-aligned buffer of block_count blocks
+#
+# A flush ignores vsa_block, block_count and buffer_iova: it makes every write completed
+# before it durable (NVMe Flush). VSIC_FLAG_FUA on a write makes that write durable before
+# its completion (NVMe/SCSI force unit access); on a read or a flush it is refused.
+# Statuses used: DESC_OK, DESC_IOMMU_FAULT (buffer not inside one DMA mapping with the
+# needed permission), DESC_BAD_LENGTH (block_count 0 or too large), DESC_OUT_OF_RANGE,
+# DESC_BAD_OPCODE, DESC_MISALIGNED (buffer_iova not block aligned: O_DIRECT would refuse
+# it), DESC_IO_ERROR, and DESC_READ_ONLY (a write to a read-only VSA).
+VSIC_DESC: Final = struct.Struct("<BBHIQIIQ")
+VSIC_DESC_SIZE: Final = VSIC_DESC.size
+VSIC_DESC_STATUS_OFFSET: Final = 2
+# status and tag, written back by the device at VSIC_DESC_STATUS_OFFSET
+VSIC_COMPLETION: Final = struct.Struct("<HI")
+
+VSIC_BLOCK_SIZE: Final = 4096
+VSIC_MAX_REQUEST_BLOCKS: Final = 256  # 1 MiB: bounds the device's work per request
+
+VSIC_OP_READ: Final = 1
+VSIC_OP_WRITE: Final = 2
+VSIC_OP_FLUSH: Final = 3
+VSIC_OP_NAMES: Final = {VSIC_OP_READ: "read", VSIC_OP_WRITE: "write", VSIC_OP_FLUSH: "flush"}
+
+VSIC_FLAG_FUA: Final = 0x01
+VSIC_KNOWN_FLAGS: Final = VSIC_FLAG_FUA
+
+DESC_READ_ONLY: Final = 8  # VSIC: a write to a read-only VSA
+VSIC_STATUS_NAMES: Final = {**DESC_STATUS_NAMES, DESC_READ_ONLY: "read-only"}
+
+STATUS_READ_ONLY: Final = 0x4  # VSIC: the VSA refuses writes
+RING_ERR_DEVICE: Final = 4  # the device failed internally on this ring (a device bug)

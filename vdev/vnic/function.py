@@ -152,7 +152,8 @@ class VnicFunction:
                     if regs.read32(layout.ring_reg(ring_index, layout.RING_ERROR)):
                         continue  # stopped until the driver disables and re-enables it
                     rings[queue] = self._open_ring(ring_index)
-                elif not enabled and current is not None:
+                elif not enabled:
+                    # Disabling resets the ring, a failed one included (how a driver recovers).
                     rings[queue] = None
                     regs.write32(layout.ring_reg(ring_index, layout.RING_ERROR), 0)
 
