@@ -70,6 +70,15 @@ class ControlClient:
             raise ControlError("kernelctl sent no device socket")
         return socket.socket(fileno=fds[0]), result
 
+    def open_vsa(self, name: str, write: bool = True, iops: int = 0, bps: int = 0) -> tuple[socket.socket, dict[str, Any]]:
+        """Open a virtual storage area: the socket to speak vfio-user on, and its facts."""
+        result, fds = self.request("open_vsa", name=name, write=write, iops=iops, bps=bps)
+        if len(fds) != 1 or not isinstance(result, dict):
+            for fd in fds:
+                os.close(fd)
+            raise ControlError("kernelctl sent no device socket")
+        return socket.socket(fileno=fds[0]), result
+
     def add_filter(self, function_id: int, proto: str, port: int) -> None:
         self.request("add_filter", function_id=function_id, proto=proto, port=port)
 

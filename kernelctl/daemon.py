@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelctl import tc, topology
-from kernelctl.hostproc import DeviceHostProcess
+from kernelctl.hostproc import DeviceHostProcess, vnic_host, vsic_host
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
 from kernelctl.policy import PROTOCOLS, Policy, PolicyError
@@ -66,6 +66,9 @@ class FunctionRecord:
     tx_bps: int
     created: float
     tc_minors: list[int] = field(default_factory=list)
+    device: str = "vnic"  # which device host serves it: "vnic" or "vsic"
+    vsa: str = ""  # vsic: the VSA it opened
+    writable: bool = False
 
 
 class Daemon:
@@ -78,7 +81,7 @@ class Daemon:
         self.callers: dict[int, Caller] = {}
         self.functions: dict[int, FunctionRecord] = {}
         self.claims: dict[tuple[str, int], int] = {}
-        self.host: DeviceHostProcess | None = None
+        self.hosts: dict[str, DeviceHostProcess] = {}
         self.running = True
         self._next_function = 1
         self.tc_missing = ""
@@ -97,7 +100,8 @@ class Daemon:
             log.warning("tc rate limits unavailable: %s", exc)
             self.tc_missing = f"{self.tc_missing}; tc roots failed: {exc}".strip("; ")
         self.storage.start()
-        self._start_host()
+        self._start_host("vnic")
+        self._start_host("vsic")
         path = topo.control_socket
         try:
             path.unlink()
@@ -113,32 +117,44 @@ class Daemon:
         topo.pid_file.write_text(f"{os.getpid()}\n")
         log.info("kernelctl up: %s (pid %d)", path, os.getpid())
 
-    def _start_host(self) -> None:
-        self.host = DeviceHostProcess(self.topo, spin=self.spin)
-        self.selector.register(self.host.sock, selectors.EVENT_READ, "host")
+    @property
+    def host(self) -> DeviceHostProcess | None:
+        """The VNIC device host."""
+        return self.hosts.get("vnic")
+
+    def _start_host(self, kind: str) -> None:
+        if kind == "vnic":
+            host = vnic_host(self.topo, spin=self.spin)
+        else:
+            attached = self.storage.attached
+            if attached is None:
+                raise RuntimeError("no image for the VSIC device host")
+            host = vsic_host(self.topo, attached.raw_device, spin=self.spin)
+        self.hosts[kind] = host
+        self.selector.register(host.sock, selectors.EVENT_READ, kind)
 
     def run(self) -> None:
         while self.running:
             for key, _mask in self.selector.select(timeout=1.0):
                 if key.data == "listener":
                     self._accept()
-                elif key.data == "host":
-                    self._on_host_events()
+                elif key.data in self.hosts:
+                    self._on_host_events(key.data)
                 else:
                     self._on_caller(key.fileobj)  # type: ignore[arg-type]
-            self._check_host()
+            self._check_hosts()
 
     def stop(self) -> None:
         self.running = False
         for caller in list(self.callers.values()):
             self._drop_caller(caller)
-        if self.host is not None:
+        for host in self.hosts.values():
             try:
-                self.selector.unregister(self.host.sock)
+                self.selector.unregister(host.sock)
             except (KeyError, ValueError):
                 pass
-            self.host.stop()
-            self.host = None
+            host.stop()
+        self.hosts.clear()
         if self.listener is not None:
             self.selector.unregister(self.listener)
             self.listener.close()
@@ -158,20 +174,21 @@ class Daemon:
             except FileNotFoundError:
                 pass
 
-    def _check_host(self) -> None:
-        host = self.host
-        if host is None or host.alive():
-            return
-        # The device host died (a bug, or someone killed it): every function died with it.
-        log.error("device host exited with %s; restarting it", host.returncode())
-        try:
-            self.selector.unregister(host.sock)
-        except (KeyError, ValueError):
-            pass
-        host.stop()
-        for function_id in list(self.functions):
-            self._reclaim(function_id)
-        self._start_host()
+    def _check_hosts(self) -> None:
+        for kind, host in list(self.hosts.items()):
+            if host.alive():
+                continue
+            # A device host died (a bug, or someone killed it): its functions died with it.
+            log.error("%s device host exited with %s; restarting it", kind, host.returncode())
+            try:
+                self.selector.unregister(host.sock)
+            except (KeyError, ValueError):
+                pass
+            host.stop()
+            for function_id, record in list(self.functions.items()):
+                if record.device == kind:
+                    self._reclaim(function_id)
+            self._start_host(kind)
 
     # ---- callers -----------------------------------------------------------------------
 
@@ -252,6 +269,8 @@ class Daemon:
         op = message.get("op")
         if op == "open_vnic":
             return self._open_vnic(caller, message)
+        if op == "open_vsa":
+            return self._open_vsa(caller, message)
         if op == "add_filter":
             return self._add_filter(caller, message), []
         if op == "status":
@@ -354,6 +373,56 @@ class Daemon:
         app_end.close()
         return {"function_id": function_id, "ip": self.topo.vnic_ip, "prefix_len": self.topo.subnet_prefix}, [fd]
 
+    def _open_vsa(self, caller: Caller, message: dict[str, Any]) -> tuple[object, list[int]]:
+        """Access is checked here, once; then the app talks to the VSIC device host alone."""
+        name = message.get("name")
+        write = message.get("write", True)
+        if not isinstance(name, str) or not isinstance(write, bool):
+            raise RequestError("open_vsa needs a name and write: true|false")
+        try:
+            vsa = self.storage.check_access(name, caller.uid, write)
+        except StorageRequestError as exc:
+            raise RequestError(str(exc)) from None
+        iops = self._rate(message, "iops")
+        bps = self._rate(message, "bps")
+        host = self.hosts.get("vsic")
+        if host is None:
+            raise RequestError("no storage device host")
+        function_id = self._next_function
+        self._next_function += 1
+        app_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            result = host.request(
+                {
+                    "op": "create_function",
+                    "function_id": function_id,
+                    "extents": [[extent.physical_block, extent.block_count] for extent in vsa.extents],
+                    "read_only": not write,
+                    "iops": iops,
+                    "bps": bps,
+                    "name": name,
+                    "owner_pid": caller.pid,
+                    "owner_uid": caller.uid,
+                },
+                [device_end.fileno()],
+                self._on_host_event,
+            )
+        except Exception as exc:
+            app_end.close()
+            raise RequestError(f"storage device host refused the function: {exc}") from None
+        finally:
+            device_end.close()
+        record = FunctionRecord(
+            function_id, caller.pid, caller.uid, f"vsa:{name}", [], 0, 0, time.time(),
+            device="vsic", vsa=name, writable=write,
+        )
+        self.functions[function_id] = record
+        caller.functions.add(function_id)
+        fd = os.dup(app_end.fileno())
+        app_end.close()
+        capacity = result.get("capacity_blocks") if isinstance(result, dict) else None
+        return {"function_id": function_id, "vsa": name, "writable": write, "capacity_blocks": capacity}, [fd]
+
     def _add_filter(self, caller: Caller, message: dict[str, Any]) -> object:
         function_id = message.get("function_id")
         if not isinstance(function_id, int) or function_id not in caller.functions:
@@ -430,13 +499,15 @@ class Daemon:
     # ---- reclaiming ----------------------------------------------------------------------
 
     def _destroy_function(self, function_id: int) -> None:
-        if function_id not in self.functions:
+        record = self.functions.get(function_id)
+        if record is None:
             return
-        if self.host is not None:
+        host = self.hosts.get(record.device)
+        if host is not None:
             try:
-                self.host.request({"op": "destroy_function", "function_id": function_id}, [], self._on_host_event)
+                host.request({"op": "destroy_function", "function_id": function_id}, [], self._on_host_event)
             except Exception as exc:
-                log.warning("device host destroy %d: %s", function_id, exc)
+                log.warning("%s device host destroy %d: %s", record.device, function_id, exc)
         self._reclaim(function_id)
 
     def _reclaim(self, function_id: int) -> None:
@@ -451,8 +522,8 @@ class Daemon:
             caller.functions.discard(function_id)
         log.info("function %d reclaimed (pid %d)", function_id, record.owner_pid)
 
-    def _on_host_events(self) -> None:
-        host = self.host
+    def _on_host_events(self, kind: str) -> None:
+        host = self.hosts.get(kind)
         if host is None:
             return
         for event in host.drain_events():
@@ -468,11 +539,18 @@ class Daemon:
 
     def status(self) -> dict[str, object]:
         device: object = None
+        storage_device: object = None
         if self.host is not None:
             try:
                 device = self.host.request({"op": "stats"}, [], self._on_host_event)
             except Exception as exc:
                 device = {"error": str(exc)}
+        vsic = self.hosts.get("vsic")
+        if vsic is not None:
+            try:
+                storage_device = vsic.request({"op": "stats"}, [], self._on_host_event)
+            except Exception as exc:
+                storage_device = {"error": str(exc)}
         try:
             classes = [c.as_dict() for c in tc.list_classes(self.topo)]
         except Exception as exc:
@@ -491,6 +569,7 @@ class Daemon:
                     "claims": [f"{p}/{n}" for p, n in r.claims],
                     "rx_bps": r.rx_bps,
                     "tx_bps": r.tx_bps,
+                    "device": r.device,
                 }
                 for r in self.functions.values()
             ],
@@ -498,6 +577,7 @@ class Daemon:
             "tc_classes": classes,
             "tc_missing": self.tc_missing,
             "storage": self.storage.status(),
+            "storage_device": storage_device,
         }
 
 

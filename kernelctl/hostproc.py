@@ -30,6 +30,26 @@ class HostError(Exception):
     """The device host refused a request or did not answer."""
 
 
+def vnic_host(topo: Topology, spin: float | None = None) -> DeviceHostProcess:
+    """The VNIC device host, attached to the instance's tap inside the client namespace."""
+    args = ["--tap", topo.tap, "--netns", topo.client_netns, "--mac", nic_mac(topo), "--address", topo.vnic_ip]
+    if spin is not None:
+        args += ["--spin", str(spin)]
+    faults = os.environ.get(FAULTS_ENV_VAR, "")
+    if faults:
+        # Tests ask for a lossy wire this way; the device host checks the value.
+        args += ["--faults", faults]
+    return DeviceHostProcess(topo, "vdev.vnic.host", args, "vnic-host.log")
+
+
+def vsic_host(topo: Topology, image: str, spin: float | None = None) -> DeviceHostProcess:
+    """The VSIC device host, serving VSAs on ``image`` (the raw image's loop device)."""
+    args = ["--image", image]
+    if spin is not None:
+        args += ["--spin", str(spin)]
+    return DeviceHostProcess(topo, "vdev.vsic.host", args, "vsic-host.log")
+
+
 def nic_mac(topo: Topology) -> str:
     """A stable, locally administered unicast MAC for the instance's VNIC."""
     digest = hashlib.sha256(f"arrakis-vnic-{topo.tag}".encode()).digest()
@@ -37,38 +57,18 @@ def nic_mac(topo: Topology) -> str:
 
 
 class DeviceHostProcess:
-    def __init__(self, topo: Topology, spin: float | None = None) -> None:
+    """One device host: ``module`` run with ``args`` and the management fd appended."""
+
+    def __init__(self, topo: Topology, module: str, args: list[str], log_name: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [
-            sys.executable,
-            "-m",
-            "vdev.vnic.host",
-            "--tap",
-            topo.tap,
-            "--netns",
-            topo.client_netns,
-            "--mac",
-            nic_mac(topo),
-            "--address",
-            topo.vnic_ip,
-            "--mgmt-fd",
-            str(theirs.fileno()),
-        ]
-        if spin is not None:
-            argv += ["--spin", str(spin)]
-        faults = os.environ.get(FAULTS_ENV_VAR, "")
-        if faults:
-            # Tests ask for a lossy wire this way; the device host checks the value.
-            argv += ["--faults", faults]
-        log_path = topo.run_dir / "vnic-host.log"
-        with open(log_path, "ab") as log_file:
+        argv = [sys.executable, "-m", module, *args, "--mgmt-fd", str(theirs.fileno())]
+        with open(topo.run_dir / log_name, "ab") as log_file:
             self.process = subprocess.Popen(
                 argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
             )
         theirs.close()
         self.sock = ours
         self._ids = itertools.count(1)
-        self._events: list[dict[str, Any]] = []
 
     @property
     def pid(self) -> int:

@@ -95,6 +95,12 @@ class StoragePlane:
             raise StorageRequestError(str(exc)) from None
         raise StorageRequestError(f"unknown request {op!r}")
 
+    def check_access(self, name: str, uid: int, write: bool) -> Vsa:
+        try:
+            return self._registry().check_access(name, uid, write)
+        except RegistryError as exc:
+            raise StorageRequestError(str(exc)) from None
+
     def status(self) -> dict[str, object]:
         attached = self.attached
         return {

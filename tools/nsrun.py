@@ -1,7 +1,7 @@
-"""Run Python code inside a network namespace: a forked child enters it, runs, reports back.
+"""Run Python code in a forked child (inside a network namespace, or as another user).
 
 Tests and tools use this to play the client: a real Linux socket in the client namespace,
-talking over the bridge to the VNIC or the baseline host.
+talking over the bridge to the VNIC or the baseline host; or an application of another uid.
 """
 
 from __future__ import annotations
@@ -13,20 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def run_in_netns(
-    netns: str, fn: Callable[..., Any], *args: Any, timeout: float = 60.0, cpu: int | None = None
-) -> Any:
-    """``fn(*args)`` in a forked child that first enters ``netns`` (and is pinned to ``cpu``)."""
+def fork_call(fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any:
+    """``fn(*args)`` in a forked child; its result (or its exception, as RuntimeError) here."""
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
 
     def child() -> None:
         try:
-            from pyroute2 import netns as pyroute2_netns
-
-            pyroute2_netns.setns(netns)
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
             sender.send(("ok", fn(*args)))
         except BaseException as exc:  # report everything to the parent, which raises
             sender.send(("error", f"{exc!r}\n{traceback.format_exc()}"))
@@ -36,7 +29,7 @@ def run_in_netns(
     sender.close()
     try:
         if not receiver.poll(timeout):
-            raise TimeoutError(f"code in {netns} did not finish in {timeout} s")
+            raise TimeoutError(f"child did not finish in {timeout} s")
         status, value = receiver.recv()
     finally:
         if process.is_alive():
@@ -44,5 +37,21 @@ def run_in_netns(
         process.join(5)
         receiver.close()
     if status != "ok":
-        raise RuntimeError(f"code in {netns} failed: {value}")
+        raise RuntimeError(f"child failed: {value}")
     return value
+
+
+def run_in_netns(
+    netns: str, fn: Callable[..., Any], *args: Any, timeout: float = 60.0, cpu: int | None = None
+) -> Any:
+    """``fn(*args)`` in a forked child that first enters ``netns`` (and is pinned to ``cpu``)."""
+
+    def inside() -> Any:
+        from pyroute2 import netns as pyroute2_netns
+
+        pyroute2_netns.setns(netns)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        return fn(*args)
+
+    return fork_call(inside, timeout=timeout)
