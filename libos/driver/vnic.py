@@ -197,7 +197,7 @@ class VnicDriver:
 
     def _ring(self, doorbell: int) -> None:
         self.counters.doorbells += 1
-        self.client.region_write(layout.BAR0_INDEX, doorbell, _DOORBELL_WRITE, no_reply=True)
+        self.client.posted_write(layout.BAR0_INDEX, doorbell, _DOORBELL_WRITE)
 
     def has_rx(self) -> bool:
         return self.rx.completed() != 0

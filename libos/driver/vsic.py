@@ -222,7 +222,7 @@ class VsicDriver:
         """Hand every posted request to the device; ring the doorbell only if it sleeps."""
         if self.ring.publish():
             self.counters.doorbells += 1
-            self.client.region_write(layout.BAR0_INDEX, self._doorbell, _DOORBELL_WRITE, no_reply=True)
+            self.client.posted_write(layout.BAR0_INDEX, self._doorbell, _DOORBELL_WRITE)
 
     def poll(self, budget: int = 64) -> list[Completion]:
         """Completions since the last call, in submission order (read data copied out)."""

@@ -32,10 +32,15 @@ from vdev import mgmt
 from vdev.vfio_user.server import VfioUserServerConnection
 from vdev.vnic.backend import TapBackend, WireBackend
 from vdev.vnic.device import VnicDevice
+from vdev.vnic.faults import FaultSpec, FaultSpecError, FaultyBackend
 from vdev.vnic.filters import FilterConflict, Match
 from vdev.vnic.function import FunctionConfig, VnicFunction
 
-DEFAULT_SPIN = 0.002  # seconds of polling after the last work before sleeping
+# Seconds of polling after the last work before sleeping. While the device polls, an
+# application posts work with plain stores; once it sleeps, each post costs the application a
+# doorbell (a system call). So the window must outlast the gaps in a steady stream of requests,
+# scheduling hiccups on a loaded 2-core machine included.
+DEFAULT_SPIN = 0.01
 MAX_SLEEP = 0.05  # a lost wakeup (see vdev.ring) costs at most this much latency
 MAX_FUNCTIONS = 64
 
@@ -282,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", action="append", default=[], help="addresses of the NIC")
     parser.add_argument("--mgmt-fd", type=int, required=True)
     parser.add_argument("--spin", type=float, default=DEFAULT_SPIN)
+    parser.add_argument("--faults", default="", help="tests only: e.g. loss=0.05,dup=0.05,reorder=0.05,seed=1")
     args = parser.parse_args(argv)
+    try:
+        faults = FaultSpec.parse(args.faults)
+    except FaultSpecError as exc:
+        parser.error(str(exc))
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.netns:
@@ -290,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
         netns.setns(args.netns)
     backend: WireBackend = TapBackend(args.tap, args.queues)
+    if faults.active:
+        print(f"vnic host: injecting faults {faults}", file=sys.stderr, flush=True)
+        backend = FaultyBackend(backend, faults)
     mac = bytes.fromhex(args.mac.replace(":", ""))
     device = VnicDevice(backend, mac, [_ip_bytes(a) for a in args.address])
     host = DeviceHost(device, socket.socket(fileno=args.mgmt_fd), spin=args.spin)
