@@ -4,6 +4,10 @@ A backend only has to say how to make progress (``_progress``) and how to sleep 
 something may have happened (``_sleep``); this class turns that into PDPIX tokens:
 a ``pop`` on a queue that already holds a datagram completes at once, otherwise it waits in
 line; a datagram that finds a ``pop`` waiting completes it.
+
+Operations that a backend completes itself later (a stream ``push`` waiting for buffer
+space, ``connect``, ``accept``) take a *pending* token with ``pending`` and finish it with
+``finish``; closing a queue fails every token still waiting on it.
 """
 
 from __future__ import annotations
@@ -30,13 +34,21 @@ class QueueCounters:
 
 
 class QueueTable:
+    """Queue descriptors, tokens and what arrived for nobody yet.
+
+    On a stream queue the backend calls ``deliver`` only while ``wants_data`` says a
+    ``pop`` waits, so unread bytes stay in the transport's receive buffer and its window
+    pushes back on the sender.
+    """
+
     def __init__(self) -> None:
         self._next_token = itertools.count(1)
         self._next_qd = itertools.count(3)  # like fds: 0-2 look like stdio, avoid them
         self.kinds: dict[int, SocketKind] = {}
-        self._arrived: dict[int, deque[tuple[bytes, Address]]] = {}
+        self._arrived: dict[int, deque[tuple[bytes, Address | None]]] = {}
         self._waiting_pops: dict[int, deque[int]] = {}
         self._token_qd: dict[int, int] = {}
+        self._pending: dict[int, set[int]] = {}  # qd -> backend-completed tokens
         self.done: dict[int, QResult] = {}
         self.counters = QueueCounters()
 
@@ -58,6 +70,10 @@ class QueueTable:
         del self.kinds[qd]
         del self._arrived[qd]
         for token in self._waiting_pops.pop(qd):
+            self._token_qd.pop(token, None)
+            self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
+        for token in self._pending.pop(qd, ()):
+            self._token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
 
     def pop(self, qd: int) -> int:
@@ -77,7 +93,39 @@ class QueueTable:
         self.done[token] = QResult(opcode, qd, error=error)
         return token
 
-    def deliver(self, qd: int, data: bytes, address: Address) -> None:
+    def result(self, result: QResult) -> int:
+        """A token already completed with ``result``."""
+        token = next(self._next_token)
+        self.done[token] = result
+        return token
+
+    def pending(self, qd: int) -> int:
+        """A token the backend will complete with ``finish`` (or that ``drop_queue`` fails)."""
+        self.check(qd)
+        token = next(self._next_token)
+        self._token_qd[token] = qd
+        self._pending.setdefault(qd, set()).add(token)
+        return token
+
+    def finish(self, token: int, result: QResult) -> None:
+        """Complete a pending token; a token of a closed queue stays failed."""
+        qd = self._token_qd.pop(token, None)
+        if qd is None:
+            return
+        tokens = self._pending.get(qd)
+        if tokens is not None:
+            tokens.discard(token)
+        self.done[token] = result
+
+    def fail_pops(self, qd: int, error: str) -> None:
+        """Fail every ``pop`` waiting on ``qd`` (a stream that was reset)."""
+        waiting = self._waiting_pops.get(qd)
+        while waiting:
+            token = waiting.popleft()
+            self._token_qd.pop(token, None)
+            self.done[token] = QResult(Opcode.FAILED, qd, error=error)
+
+    def deliver(self, qd: int, data: bytes, address: Address | None) -> None:
         waiting = self._waiting_pops.get(qd)
         if waiting is None:
             return

@@ -55,9 +55,30 @@ class LibOS(Protocol):
 
     def bind(self, qd: int, address: Address) -> None: ...
 
-    def pop(self, qd: int) -> int: ...
+    def pop(self, qd: int) -> int:
+        """A token for the next datagram (UDP) or the next bytes of the stream (TCP).
+
+        On a TCP queue a POP result with empty ``data`` means the peer closed its side.
+        """
+        ...
 
     def pushto(self, qd: int, data: bytes, address: Address) -> int: ...
+
+    # Stream (TCP) queues.
+
+    def listen(self, qd: int, backlog: int) -> None: ...
+
+    def accept(self, qd: int) -> int:
+        """A token that completes with ``new_qd``: an established connection's queue."""
+        ...
+
+    def connect(self, qd: int, address: Address) -> int:
+        """A token that completes (CONNECT, or FAILED with ``error``) once established."""
+        ...
+
+    def push(self, qd: int, data: bytes) -> int:
+        """A token that completes once all of ``data`` is handed to the stack (not acked)."""
+        ...
 
     def wait(self, token: int, timeout: float | None = None) -> QResult | None: ...
 

@@ -6,23 +6,44 @@ frames go through the libOS network stack in this process, replies go straight o
 ring. While traffic flows the runtime polls the ring (no system calls at all); after
 ``poll_window`` seconds without work it asks for an interrupt and sleeps on the queue's
 eventfd, so an idle application uses no CPU.
+
+TCP queues (``libos.api.vnic_tcp``) run the libOS's own TCP over the same stack. A port
+is claimed from the control plane as ``tcp/<port>`` when a queue binds it, and a client
+``connect`` claims an ephemeral port the same way (RFC 6056's range). The control plane
+has no call to give one filter back while the function lives, so claimed ephemeral ports
+are kept and reused for later connections (a 4-tuple in TIME-WAIT is skipped); a function
+holds at most 64 claims.
 """
 
 from __future__ import annotations
 
+import random
 import socket
 import time
+from collections import deque
 from pathlib import Path
 
 from kernelctl.client import ControlClient
 from libos.api.queues import PollingRuntime, QueueTable
 from libos.api.types import Address, LibOSError, Opcode, SocketKind
+from libos.api.vnic_tcp import VnicStreams
 from libos.driver.vnic import VnicDriver
 from libos.net.events import UdpDatagram
 from libos.net.stack import NetStack
+from libos.net.tcp import EPHEMERAL_PORTS, TcpConfig
+from vdev.wire.ipv4 import PROTO_TCP
 
 DEFAULT_POLL_WINDOW = 0.02  # seconds of polling after the last work before sleeping
 MAX_SLEEP = 0.05  # bounded so a lost wakeup costs latency, never progress
+# Frames that found the TX ring full wait for the next turn of the loop, up to this many;
+# beyond, the oldest are dropped (TCP retransmits them) so a stuck device costs no memory.
+MAX_TX_BACKLOG = 4096
+TX_BACKLOG_SLEEP = 0.0005  # the device drains the ring within this, while it is busy
+CLAIM_ATTEMPTS = 16
+# RFC 6298 2.4 asks for at least one second; Linux (TCP_RTO_MIN) and most stacks use
+# 200 ms, and a one-second floor would make every lost tail segment cost a second here
+# where the Linux baseline pays 200 ms. Everything else keeps the RFC defaults.
+TCP_CONFIG = TcpConfig(min_rto=0.2)
 
 
 class VnicLibOS(PollingRuntime):
@@ -51,16 +72,31 @@ class VnicLibOS(PollingRuntime):
         self._ports: dict[int, int] = {}  # qd -> bound local port
         self._qd_by_port: dict[int, int] = {}
         self._last_work = time.monotonic()
+        self.streams: VnicStreams | None = None
+        self._tcp_claims: set[int] = set()  # TCP ports this function holds
+        self._ephemeral: list[int] = []  # claimed for connect(), reusable
+        self._rng = random.Random()
+        self.tx_dropped = 0
 
     # ---- set-up ----------------------------------------------------------------------
 
     def socket(self, kind: SocketKind) -> int:
+        if kind is SocketKind.TCP:
+            streams = self.streams
+            if streams is None:
+                streams = self.streams = VnicStreams(self.table, TCP_CONFIG)
+                if self.stack is not None:
+                    self.stack.register_ip_protocol(PROTO_TCP, streams.ip_input)
+            return streams.socket()
         if kind is not SocketKind.UDP:
-            raise LibOSError("the vnic backend offers UDP queues so far")
+            raise LibOSError(f"unknown socket kind {kind!r}")
         return self.table.new_queue(kind)
 
     def bind(self, qd: int, address: Address) -> None:
         self.table.check(qd)
+        if self.streams is not None and qd in self.streams:
+            self._bind_tcp(qd, address)
+            return
         if qd in self._ports:
             raise LibOSError(f"queue {qd} is already bound")
         _host, port = address
@@ -69,7 +105,7 @@ class VnicLibOS(PollingRuntime):
         if port in self._qd_by_port:
             raise LibOSError(f"port {port} is already bound in this application")
         if self.driver is None:
-            self._open_function(port)
+            self._open_function("udp", port)
         else:
             control = self._control
             if control is None:
@@ -85,10 +121,46 @@ class VnicLibOS(PollingRuntime):
         self._ports[qd] = port
         self._qd_by_port[port] = qd
 
-    def _open_function(self, port: int) -> None:
+    def _bind_tcp(self, qd: int, address: Address) -> None:
+        streams = self.streams
+        if streams is None:
+            raise LibOSError("no TCP queues")
+        _host, port = _check_address(address, allow_any_port=False)
+        if streams.bound_port(qd):
+            raise LibOSError(f"queue {qd} is already bound")
+        if port in self._tcp_bound_ports():
+            raise LibOSError(f"TCP port {port} is already bound in this application")
+        self._claim_tcp(port)
+        if port in self._ephemeral:
+            self._ephemeral.remove(port)
+        streams.bind(qd, port)
+
+    def _tcp_bound_ports(self) -> set[int]:
+        streams = self.streams
+        if streams is None:
+            return set()
+        return {streams.bound_port(qd) for qd in streams.queues()} - {0}
+
+    def _claim_tcp(self, port: int) -> None:
+        """Make the device steer tcp/``port`` to us (once; claims are kept)."""
+        if port in self._tcp_claims:
+            return
+        if self.driver is None:
+            self._open_function("tcp", port)
+        else:
+            control = self._control
+            if control is None:
+                raise LibOSError("no control connection")
+            try:
+                control.add_filter(self.function_id, "tcp", port)
+            except Exception as exc:
+                raise LibOSError(str(exc)) from None
+        self._tcp_claims.add(port)
+
+    def _open_function(self, proto: str, port: int) -> None:
         try:
             control = ControlClient(self._control_path)
-            sock, info = control.open_vnic([("udp", port)], self._rx_bps, self._tx_bps, self._name)
+            sock, info = control.open_vnic([(proto, port)], self._rx_bps, self._tx_bps, self._name)
         except Exception as exc:
             raise LibOSError(str(exc)) from None
         self._control = control
@@ -100,11 +172,113 @@ class VnicLibOS(PollingRuntime):
             raise
         self.function_id = int(info.get("function_id", -1))
         self.stack = NetStack(self.driver.mac, self.driver.ipv4, self._prefix_len)
+        if self.streams is not None:
+            self.stack.register_ip_protocol(PROTO_TCP, self.streams.ip_input)
+
+    # ---- stream queues -----------------------------------------------------------------
+
+    def _streams_of(self, qd: int) -> VnicStreams:
+        streams = self.streams
+        if streams is None or qd not in streams:
+            self.table.check(qd)
+            raise LibOSError(f"queue {qd} is not a TCP queue")
+        return streams
+
+    def listen(self, qd: int, backlog: int) -> None:
+        self._streams_of(qd).listen(qd, backlog)
+
+    def accept(self, qd: int) -> int:
+        return self._streams_of(qd).accept(qd)
+
+    def connect(self, qd: int, address: Address) -> int:
+        streams = self._streams_of(qd)
+        host, remote_port = _check_address(address, allow_any_port=False)
+        try:
+            remote_ip = socket.inet_aton(host)
+        except OSError:
+            raise LibOSError(f"bad address {host!r}") from None
+        now = time.monotonic()
+        bound = streams.bound_port(qd)
+        if bound:
+            token = self._connect_from(streams, qd, bound, remote_ip, remote_port, now)
+            if token is None:
+                raise LibOSError(f"port {bound} is already connected to {host}:{remote_port}")
+        else:
+            token = self._connect_ephemeral(streams, qd, remote_ip, remote_port, now)
+        self._tcp_output(now)
+        return token
+
+    def _connect_from(
+        self, streams: VnicStreams, qd: int, port: int, remote_ip: bytes, remote_port: int, now: float
+    ) -> int | None:
+        stack = self.stack
+        if stack is None:
+            raise LibOSError("network stack not started")
+        try:
+            return streams.connect(qd, stack.ip, port, remote_ip, remote_port, now)
+        except OSError:
+            return None  # that 4-tuple is in use (perhaps in TIME-WAIT)
+
+    def _connect_ephemeral(
+        self, streams: VnicStreams, qd: int, remote_ip: bytes, remote_port: int, now: float
+    ) -> int:
+        busy = self._tcp_bound_ports()
+        for port in self._ephemeral:
+            if port not in busy:
+                token = self._connect_from(streams, qd, port, remote_ip, remote_port, now)
+                if token is not None:
+                    return token
+        # RFC 6056 3.3.1: a random port from the ephemeral range; a port another
+        # application holds is refused by the control plane, so try a few.
+        error = "no ephemeral port"
+        for _ in range(CLAIM_ATTEMPTS):
+            port = self._rng.choice(EPHEMERAL_PORTS)
+            if port in self._tcp_claims:
+                continue
+            try:
+                self._claim_tcp(port)
+            except LibOSError as exc:
+                error = str(exc)
+                continue
+            self._ephemeral.append(port)
+            token = self._connect_from(streams, qd, port, remote_ip, remote_port, now)
+            if token is not None:
+                return token
+        raise LibOSError(f"cannot claim an ephemeral TCP port: {error}")
+
+    def push(self, qd: int, data: bytes) -> int:
+        token = self._streams_of(qd).push(qd, data)
+        self._tcp_output(time.monotonic())
+        return token
+
+    def _tcp_output(self, now: float) -> None:
+        """Send at once what the application just queued (no wait for the next poll)."""
+        streams = self.streams
+        stack = self.stack
+        if streams is None or stack is None:
+            return
+        streams.touched()
+        streams.poll(now)
+        self._send_segments(now)
+        self._flush()
+
+    def _send_segments(self, now: float) -> None:
+        streams = self.streams
+        stack = self.stack
+        if streams is None or stack is None:
+            return
+        send_ip = stack.send_ip
+        for dst_ip, _src_ip, segment in streams.tcp.drain_outbox():
+            send_ip(dst_ip, PROTO_TCP, segment, now)
 
     # ---- data path -------------------------------------------------------------------
 
     def pop(self, qd: int) -> int:
-        return self.table.pop(qd)
+        token = self.table.pop(qd)
+        streams = self.streams
+        if streams is not None and qd in streams:
+            streams.pop_service(qd)
+        return token
 
     def pushto(self, qd: int, data: bytes, address: Address) -> int:
         port = self._ports.get(qd)
@@ -128,7 +302,14 @@ class VnicLibOS(PollingRuntime):
             return
         frames = list(stack.outbox)
         stack.outbox.clear()
-        driver.transmit(frames)
+        taken = driver.transmit(frames)
+        if taken < len(frames):
+            # The TX ring is full: keep the rest, in order, for the next turn.
+            rest = frames[taken:]
+            if len(rest) > MAX_TX_BACKLOG:
+                self.tx_dropped += len(rest) - MAX_TX_BACKLOG
+                rest = rest[-MAX_TX_BACKLOG:]
+            stack.outbox.extend(rest)
 
     def _progress(self, now: float) -> int:
         driver = self.driver
@@ -142,6 +323,10 @@ class VnicLibOS(PollingRuntime):
             for frame in frames:
                 receive(frame, now)
             self._deliver_events()
+        streams = self.streams
+        if streams is not None:
+            work += streams.poll(now)
+            self._send_segments(now)
         deadline = stack.next_deadline()
         if deadline is not None and deadline <= now:
             stack.on_timer(now)
@@ -180,10 +365,21 @@ class VnicLibOS(PollingRuntime):
             deadline = stack.next_deadline()
             if deadline is not None:
                 limit = max(0.0, min(limit, deadline - now))
+            if stack.outbox:
+                limit = min(limit, TX_BACKLOG_SLEEP)
+        streams = self.streams
+        if streams is not None and streams.deadline is not None:
+            limit = max(0.0, min(limit, streams.deadline - now))
         driver.check_errors()
         driver.wait(limit)
 
     def close(self, qd: int) -> None:
+        streams = self.streams
+        if streams is not None and qd in streams:
+            now = time.monotonic()
+            streams.close(qd, now)
+            self._tcp_output(now)
+            return
         self.table.drop_queue(qd)
         port = self._ports.pop(qd, None)
         if port is not None:
@@ -205,4 +401,20 @@ class VnicLibOS(PollingRuntime):
         result: dict[str, object] = {"backend": self.backend, "queues": self.table.counters.as_dict()}
         if self.driver is not None:
             result["driver"] = self.driver.counters.as_dict()
+        if self.streams is not None:
+            result["tcp"] = self.streams.stats()
+        if self.tx_dropped:
+            result["tx_backlog_dropped"] = self.tx_dropped
         return result
+
+
+def _check_address(address: object, *, allow_any_port: bool) -> tuple[str, int]:
+    """An application's ``(host, port)``; LibOSError for anything else."""
+    if not isinstance(address, tuple) or len(address) != 2:
+        raise LibOSError(f"an address is (host, port), got {address!r}")
+    host, port = address
+    if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
+        raise LibOSError(f"an address is (host, port), got {address!r}")
+    if not (0 if allow_any_port else 1) <= port <= 0xFFFF:
+        raise LibOSError(f"bad port {port}")
+    return host, port
