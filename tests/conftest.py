@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,17 +66,15 @@ def leftovers(topo: Topology) -> list[str]:
     return found
 
 
-@pytest.fixture
-def instance() -> Iterator[Topology]:
-    """A running kernelctl instance with its own topology; torn down and checked after."""
-    require_root()
-    tag = unique_tag()
-    topo = topology(tag)
+@contextmanager
+def running_instance(topo: Topology) -> Iterator[Topology]:
+    """``kernelctl up`` for ``topo``; on the way out ``down --purge``, then check that nothing
+    of it is left on the machine (and fail the test if something was)."""
     try:
-        kernelctl(tag, "up")
+        kernelctl(topo.tag, "up")
         yield topo
     finally:
-        kernelctl(tag, "down", "--purge", check=False)
+        kernelctl(topo.tag, "down", "--purge", check=False)
         left = leftovers(topo)
         if left:
             # Clean by force so one failure does not poison the rest of the suite, then fail.
@@ -86,6 +85,22 @@ def instance() -> Iterator[Topology]:
 
             storage.purge(topo)
             pytest.fail(f"kernelctl down left: {left}")
+
+
+@pytest.fixture
+def instance() -> Iterator[Topology]:
+    """A running kernelctl instance with its own topology; torn down and checked after."""
+    require_root()
+    with running_instance(topology(unique_tag())) as topo:
+        yield topo
+
+
+@pytest.fixture
+def h11_instance() -> Iterator[Topology]:
+    """Like ``instance``, with a tag of the server tests' own ("h11..."), purged after."""
+    require_root()
+    with running_instance(topology("h11" + secrets.token_hex(2)[:3])) as topo:
+        yield topo
 
 
 _TEST_IMAGES = re.compile(r"/t[0-9a-f]{5}/")

@@ -1,17 +1,23 @@
-"""Helpers for root tests: run client code inside a namespace, start and stop apps."""
+"""Helpers for tests: run client code inside a namespace, start and stop apps, and an
+in-memory fake of the queue API (``FakeLibOS``) that the server loops are tested against."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from libos.api import Address, LibOSError, Opcode, QResult, SocketKind
 from tools import nsrun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,3 +103,229 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def linux_has_tcp() -> bool:
+    from libos.api.linux import LinuxLibOS
+
+    return hasattr(LinuxLibOS, "listen")
+
+
+def stats_of(app: App, prefix: str) -> dict[str, object]:
+    for line in reversed(app.lines):
+        if line.startswith(prefix):
+            loaded: dict[str, object] = json.loads(line[len(prefix):])
+            return loaded
+    raise AssertionError(f"no {prefix!r} line in {app.lines}")
+
+
+def vnic_has_tcp() -> bool:
+    from libos.api.vnic import VnicLibOS
+
+    return hasattr(VnicLibOS, "listen")
+
+
+@dataclass
+class FakePeer:
+    """The client end of one fake TCP connection."""
+
+    qd: int
+    inbound: deque[bytes] = field(default_factory=deque)  # client -> server, not yet popped
+    received: bytearray = field(default_factory=bytearray)  # server -> client
+    eof_sent: bool = False
+    closed_by_server: bool = False
+    stalled: bool = False  # the client does not read: pushes do not complete
+    reset: bool = False
+
+
+class FakeLibOS:
+    """Just enough of the LibOS protocol, completing tokens in memory; never sleeps."""
+
+    backend = "fake"
+
+    def __init__(self) -> None:
+        self._tokens = itertools.count(1)
+        self._qds = itertools.count(3)
+        self.kinds: dict[int, SocketKind] = {}
+        self.bound: dict[int, Address] = {}
+        self.listening: set[int] = set()
+        self.done: dict[int, QResult] = {}
+        self.waiting: dict[int, tuple[str, int]] = {}  # token -> (operation, qd)
+        self.pushes: dict[int, tuple[int, bytes]] = {}  # stalled push token -> (qd, data)
+        self.backlog: deque[int] = deque()  # accepted-by-the-stack connections
+        self.peers: dict[int, FakePeer] = {}
+        self.udp_in: dict[int, deque[tuple[bytes, Address]]] = {}
+        self.udp_out: list[tuple[bytes, Address]] = []
+        self.udp_stalled = False
+        self.pops_issued: dict[int, int] = {}
+        self.fail_accepts = 0
+
+    def _token(self) -> int:
+        return next(self._tokens)
+
+    def socket(self, kind: SocketKind) -> int:
+        qd = next(self._qds)
+        self.kinds[qd] = kind
+        if kind is SocketKind.UDP:
+            self.udp_in[qd] = deque()
+        return qd
+
+    def _check(self, qd: int) -> SocketKind:
+        kind = self.kinds.get(qd)
+        if kind is None:
+            raise LibOSError(f"bad queue descriptor {qd}")
+        return kind
+
+    def bind(self, qd: int, address: Address) -> None:
+        kind = self._check(qd)
+        if any(a == address and self.kinds.get(q) is kind for q, a in self.bound.items()):
+            raise LibOSError("address in use")
+        self.bound[qd] = address
+
+    def listen(self, qd: int, backlog: int) -> None:
+        self._check(qd)
+        self.listening.add(qd)
+
+    def accept(self, qd: int) -> int:
+        if qd not in self.listening:
+            raise LibOSError("not listening")
+        token = self._token()
+        self.waiting[token] = ("accept", qd)
+        self._progress()
+        return token
+
+    def connect(self, qd: int, address: Address) -> int:
+        raise LibOSError("not in the fake")
+
+    def pop(self, qd: int) -> int:
+        self._check(qd)
+        self.pops_issued[qd] = self.pops_issued.get(qd, 0) + 1
+        token = self._token()
+        self.waiting[token] = ("pop", qd)
+        self._progress()
+        return token
+
+    def push(self, qd: int, data: bytes) -> int:
+        self._check(qd)
+        token = self._token()
+        peer = self.peers[qd]
+        if peer.stalled:
+            self.pushes[token] = (qd, data)
+        else:
+            peer.received += data
+            self.done[token] = QResult(Opcode.PUSH, qd)
+        return token
+
+    def pushto(self, qd: int, data: bytes, address: Address) -> int:
+        self._check(qd)
+        token = self._token()
+        if self.udp_stalled:
+            self.pushes[token] = (qd, data)
+        else:
+            self.udp_out.append((data, address))
+            self.done[token] = QResult(Opcode.PUSH, qd)
+        return token
+
+    def _progress(self) -> None:
+        for token, (operation, qd) in list(self.waiting.items()):
+            if operation == "accept":
+                if self.fail_accepts:
+                    self.fail_accepts -= 1
+                    self.done[token] = QResult(Opcode.FAILED, qd, error="aborted")
+                elif self.backlog:
+                    new_qd = self.backlog.popleft()
+                    self.done[token] = QResult(Opcode.ACCEPT, qd, new_qd=new_qd)
+                else:
+                    continue
+            elif qd in self.udp_in:
+                if not self.udp_in[qd]:
+                    continue
+                data, address = self.udp_in[qd].popleft()
+                self.done[token] = QResult(Opcode.POP, qd, data, address)
+            else:
+                peer = self.peers[qd]
+                if peer.reset:
+                    self.done[token] = QResult(Opcode.FAILED, qd, error="connection reset")
+                elif peer.inbound:
+                    self.done[token] = QResult(Opcode.POP, qd, peer.inbound.popleft())
+                elif peer.eof_sent:
+                    self.done[token] = QResult(Opcode.POP, qd, b"")
+                else:
+                    continue
+            del self.waiting[token]
+
+    def wait_any(self, tokens: list[int], timeout: float | None = None) -> tuple[int, QResult] | None:
+        self._progress()
+        for index, token in enumerate(tokens):
+            result = self.done.pop(token, None)
+            if result is not None:
+                return index, result
+        for token in tokens:
+            if token not in self.waiting and token not in self.pushes:
+                raise LibOSError(f"unknown token {token}")
+        return None
+
+    def wait(self, token: int, timeout: float | None = None) -> QResult | None:
+        found = self.wait_any([token], timeout)
+        return None if found is None else found[1]
+
+    def close(self, qd: int) -> None:
+        self._check(qd)
+        del self.kinds[qd]
+        self.listening.discard(qd)
+        self.bound.pop(qd, None)
+        if qd in self.peers:
+            self.peers[qd].closed_by_server = True
+        for token, (_, owner) in list(self.waiting.items()):
+            if owner == qd:
+                del self.waiting[token]
+                self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
+        for token, (owner, _) in list(self.pushes.items()):
+            if owner == qd:
+                del self.pushes[token]
+                self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
+
+    def shutdown(self) -> None:
+        for qd in list(self.kinds):
+            self.close(qd)
+
+    def stats(self) -> dict[str, object]:
+        return {"backend": self.backend}
+
+    # The client side, for tests.
+
+    def connect_client(self) -> FakePeer:
+        qd = self.socket(SocketKind.TCP)
+        peer = FakePeer(qd)
+        self.peers[qd] = peer
+        self.backlog.append(qd)
+        return peer
+
+    def send(self, peer: FakePeer, data: bytes) -> None:
+        peer.inbound.append(data)
+
+    def unstall(self, peer: FakePeer) -> None:
+        peer.stalled = False
+        for token, (qd, data) in list(self.pushes.items()):
+            if qd == peer.qd:
+                del self.pushes[token]
+                peer.received += data
+                self.done[token] = QResult(Opcode.PUSH, qd)
+
+    def send_udp(self, qd: int, data: bytes, address: Address) -> None:
+        self.udp_in[qd].append((data, address))
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -3,228 +3,23 @@ then for real on the linux backend over loopback with redis-cli and redis-benchm
 
 from __future__ import annotations
 
-import itertools
 import re
-import secrets
 import shutil
-import socket
 import subprocess
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernelctl.names import Topology, topology
-from libos.api import Address, LibOSError, Opcode, QResult, SocketKind
-from libos.apps.kv.commands import KvEngine
-from libos.apps.kv.server import EVENTS_PER_TURN, KvServer
+from kernelctl.names import Topology
+from libos.api import LibOSError, Opcode, QResult, SocketKind
+from libos.apps.kv.server import KvServer
 from libos.apps.kv.session import DEFAULT_MAX_COMMANDS
-from tests.conftest import kernelctl, leftovers, require_root
-from tests.helpers import App
+from libos.apps.streams import EVENTS_PER_TURN
+from tests.helpers import App, FakeClock, FakeLibOS, free_port, linux_has_tcp, stats_of, vnic_has_tcp
 
 PORT = 6379
-
-
-@dataclass
-class FakePeer:
-    """The client end of one fake TCP connection."""
-
-    qd: int
-    inbound: deque[bytes] = field(default_factory=deque)  # client -> server, not yet popped
-    received: bytearray = field(default_factory=bytearray)  # server -> client
-    eof_sent: bool = False
-    closed_by_server: bool = False
-    stalled: bool = False  # the client does not read: pushes do not complete
-    reset: bool = False
-
-
-class FakeLibOS:
-    """Just enough of the LibOS protocol, completing tokens in memory; never sleeps."""
-
-    backend = "fake"
-
-    def __init__(self) -> None:
-        self._tokens = itertools.count(1)
-        self._qds = itertools.count(3)
-        self.kinds: dict[int, SocketKind] = {}
-        self.bound: dict[int, Address] = {}
-        self.listening: set[int] = set()
-        self.done: dict[int, QResult] = {}
-        self.waiting: dict[int, tuple[str, int]] = {}  # token -> (operation, qd)
-        self.pushes: dict[int, tuple[int, bytes]] = {}  # stalled push token -> (qd, data)
-        self.backlog: deque[int] = deque()  # accepted-by-the-stack connections
-        self.peers: dict[int, FakePeer] = {}
-        self.udp_in: dict[int, deque[tuple[bytes, Address]]] = {}
-        self.udp_out: list[tuple[bytes, Address]] = []
-        self.udp_stalled = False
-        self.pops_issued: dict[int, int] = {}
-        self.fail_accepts = 0
-
-    def _token(self) -> int:
-        return next(self._tokens)
-
-    def socket(self, kind: SocketKind) -> int:
-        qd = next(self._qds)
-        self.kinds[qd] = kind
-        if kind is SocketKind.UDP:
-            self.udp_in[qd] = deque()
-        return qd
-
-    def _check(self, qd: int) -> SocketKind:
-        kind = self.kinds.get(qd)
-        if kind is None:
-            raise LibOSError(f"bad queue descriptor {qd}")
-        return kind
-
-    def bind(self, qd: int, address: Address) -> None:
-        kind = self._check(qd)
-        if any(a == address and self.kinds.get(q) is kind for q, a in self.bound.items()):
-            raise LibOSError("address in use")
-        self.bound[qd] = address
-
-    def listen(self, qd: int, backlog: int) -> None:
-        self._check(qd)
-        self.listening.add(qd)
-
-    def accept(self, qd: int) -> int:
-        if qd not in self.listening:
-            raise LibOSError("not listening")
-        token = self._token()
-        self.waiting[token] = ("accept", qd)
-        self._progress()
-        return token
-
-    def connect(self, qd: int, address: Address) -> int:
-        raise LibOSError("not in the fake")
-
-    def pop(self, qd: int) -> int:
-        self._check(qd)
-        self.pops_issued[qd] = self.pops_issued.get(qd, 0) + 1
-        token = self._token()
-        self.waiting[token] = ("pop", qd)
-        self._progress()
-        return token
-
-    def push(self, qd: int, data: bytes) -> int:
-        self._check(qd)
-        token = self._token()
-        peer = self.peers[qd]
-        if peer.stalled:
-            self.pushes[token] = (qd, data)
-        else:
-            peer.received += data
-            self.done[token] = QResult(Opcode.PUSH, qd)
-        return token
-
-    def pushto(self, qd: int, data: bytes, address: Address) -> int:
-        self._check(qd)
-        token = self._token()
-        if self.udp_stalled:
-            self.pushes[token] = (qd, data)
-        else:
-            self.udp_out.append((data, address))
-            self.done[token] = QResult(Opcode.PUSH, qd)
-        return token
-
-    def _progress(self) -> None:
-        for token, (operation, qd) in list(self.waiting.items()):
-            if operation == "accept":
-                if self.fail_accepts:
-                    self.fail_accepts -= 1
-                    self.done[token] = QResult(Opcode.FAILED, qd, error="aborted")
-                elif self.backlog:
-                    new_qd = self.backlog.popleft()
-                    self.done[token] = QResult(Opcode.ACCEPT, qd, new_qd=new_qd)
-                else:
-                    continue
-            elif qd in self.udp_in:
-                if not self.udp_in[qd]:
-                    continue
-                data, address = self.udp_in[qd].popleft()
-                self.done[token] = QResult(Opcode.POP, qd, data, address)
-            else:
-                peer = self.peers[qd]
-                if peer.reset:
-                    self.done[token] = QResult(Opcode.FAILED, qd, error="connection reset")
-                elif peer.inbound:
-                    self.done[token] = QResult(Opcode.POP, qd, peer.inbound.popleft())
-                elif peer.eof_sent:
-                    self.done[token] = QResult(Opcode.POP, qd, b"")
-                else:
-                    continue
-            del self.waiting[token]
-
-    def wait_any(self, tokens: list[int], timeout: float | None = None) -> tuple[int, QResult] | None:
-        self._progress()
-        for index, token in enumerate(tokens):
-            result = self.done.pop(token, None)
-            if result is not None:
-                return index, result
-        for token in tokens:
-            if token not in self.waiting and token not in self.pushes:
-                raise LibOSError(f"unknown token {token}")
-        return None
-
-    def wait(self, token: int, timeout: float | None = None) -> QResult | None:
-        found = self.wait_any([token], timeout)
-        return None if found is None else found[1]
-
-    def close(self, qd: int) -> None:
-        self._check(qd)
-        del self.kinds[qd]
-        self.listening.discard(qd)
-        self.bound.pop(qd, None)
-        if qd in self.peers:
-            self.peers[qd].closed_by_server = True
-        for token, (_, owner) in list(self.waiting.items()):
-            if owner == qd:
-                del self.waiting[token]
-                self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
-        for token, (owner, _) in list(self.pushes.items()):
-            if owner == qd:
-                del self.pushes[token]
-                self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
-
-    def shutdown(self) -> None:
-        for qd in list(self.kinds):
-            self.close(qd)
-
-    def stats(self) -> dict[str, object]:
-        return {"backend": self.backend}
-
-    # The client side, for tests.
-
-    def connect_client(self) -> FakePeer:
-        qd = self.socket(SocketKind.TCP)
-        peer = FakePeer(qd)
-        self.peers[qd] = peer
-        self.backlog.append(qd)
-        return peer
-
-    def send(self, peer: FakePeer, data: bytes) -> None:
-        peer.inbound.append(data)
-
-    def unstall(self, peer: FakePeer) -> None:
-        peer.stalled = False
-        for token, (qd, data) in list(self.pushes.items()):
-            if qd == peer.qd:
-                del self.pushes[token]
-                peer.received += data
-                self.done[token] = QResult(Opcode.PUSH, qd)
-
-    def send_udp(self, qd: int, data: bytes, address: Address) -> None:
-        self.udp_in[qd].append((data, address))
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def resp_command(*args: bytes) -> bytes:
@@ -452,19 +247,6 @@ def test_loop_bounds_events_per_turn(kv: tuple[FakeLibOS, KvServer, FakeClock]) 
 # Real runs on the linux backend over loopback, in this namespace.
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def linux_has_tcp() -> bool:
-    from libos.api.linux import LinuxLibOS
-
-    return hasattr(LinuxLibOS, "listen")
-
-
 @pytest.fixture
 def kv_linux() -> Iterator[tuple[App, int]]:
     if not linux_has_tcp():
@@ -476,16 +258,6 @@ def kv_linux() -> Iterator[tuple[App, int]]:
         yield app, port
     finally:
         app.stop()
-
-
-def stats_of(app: App, prefix: str) -> dict[str, object]:
-    import json
-
-    for line in reversed(app.lines):
-        if line.startswith(prefix):
-            loaded: dict[str, object] = json.loads(line[len(prefix):])
-            return loaded
-    raise AssertionError(f"no {prefix!r} line in {app.lines}")
 
 
 def test_linux_backend_with_redis_cli(kv_linux: tuple[App, int]) -> None:
@@ -534,34 +306,8 @@ def test_linux_backend_with_redis_benchmark(kv_linux: tuple[App, int], pipeline:
     assert stats["error_replies"] == 0
 
 
-# The same server on the vnic backend, clients in the instance's client namespace (root).
-
-
-@pytest.fixture
-def h11_instance() -> Iterator[Topology]:
-    """Like conftest's ``instance``, with a tag of this file's own ("h11..."), purged after."""
-    require_root()
-    topo = topology("h11" + secrets.token_hex(2)[:3])
-    try:
-        kernelctl(topo.tag, "up")
-        yield topo
-    finally:
-        kernelctl(topo.tag, "down", "--purge", check=False)
-        left = leftovers(topo)
-        if left:
-            subprocess.run(["ip", "netns", "del", topo.client_netns], capture_output=True)
-            subprocess.run(["ip", "netns", "del", topo.linux_netns], capture_output=True)
-            shutil.rmtree(topo.run_dir, ignore_errors=True)
-            from kernelctl import storage
-
-            storage.purge(topo)
-            pytest.fail(f"kernelctl down left: {left}")
-
-
-def vnic_has_tcp() -> bool:
-    from libos.api.vnic import VnicLibOS
-
-    return hasattr(VnicLibOS, "listen")
+# The same server on the vnic backend, clients in the instance's client namespace (root;
+# the ``h11_instance`` fixture is conftest's).
 
 
 @pytest.mark.root

@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 from libos.api import LibOSError, SocketKind
 from libos.apps.memcache.server import McServer
 from libos.apps.memcache.udp import UDP_FRAME_HEADER
-from tests.helpers import App, run_in_netns
+from tests.helpers import (App, FakeClock, FakeLibOS, free_port, linux_has_tcp, run_in_netns, stats_of,
+                           vnic_has_tcp)
 from kernelctl.names import Topology
-from tests.test_kv_server import (FakeClock, FakeLibOS, free_port, h11_instance, linux_has_tcp, stats_of,
-                                    vnic_has_tcp)
 
 PORT = 11211
 CLIENT = ("10.0.0.9", 40000)

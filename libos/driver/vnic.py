@@ -17,20 +17,15 @@ slot is, so no allocator is needed (the netmap habit of naming buffers by index)
 
 from __future__ import annotations
 
-import fcntl
-import mmap
-import os
-import select
 import socket
 from dataclasses import dataclass
 
+from libos.driver.base import FunctionDriver, page_align
 from vdev import layout
-from vdev.ring import DriverRing, Registers, U32_MASK
-from vdev.vfio_user.client import VfioUserClient
+from vdev.ring import DriverRing, U32_MASK
 
 IOVA_BASE = 0x10_0000_0000
 DEFAULT_RING_SIZE = 256
-_DOORBELL_WRITE = (0).to_bytes(4, "little")
 
 
 class DriverError(Exception):
@@ -51,34 +46,31 @@ class DriverCounters:
         return dict(self.__dict__)
 
 
-def _page_align(value: int) -> int:
-    return (value + layout.PAGE_SIZE - 1) // layout.PAGE_SIZE * layout.PAGE_SIZE
+class VnicDriver(FunctionDriver):
+    """One queue pair of a VNIC function, on the shared set-up of ``FunctionDriver``."""
 
-
-class VnicDriver:
-    """One queue pair of a VNIC function."""
+    MAGIC = layout.MAGIC_VNIC
+    KIND = "VNIC"
+    QUEUE_NAME = "queues"
+    ERROR = DriverError
+    IOVA_BASE = IOVA_BASE
+    counters: DriverCounters
 
     def __init__(self, sock: socket.socket, ring_size: int = DEFAULT_RING_SIZE, queue: int = 0) -> None:
-        self.client = VfioUserClient(sock)
         self.counters = DriverCounters()
-        self._closed = False
+        super().__init__(sock)
         try:
             self._setup(ring_size, queue)
         except Exception:
             self.client.close()
             raise
 
+    def _rings(self) -> tuple[DriverRing, ...]:
+        return (self.rx, self.tx)
+
     def _setup(self, ring_size: int, queue: int) -> None:
-        client = self.client
-        self._bar = client.map_region(layout.BAR0_INDEX)
-        regs = self.regs = Registers(self._bar)
-        if regs.read32(layout.REG_MAGIC) != layout.MAGIC_VNIC:
-            raise DriverError("not a VNIC function")
-        if regs.read32(layout.REG_ABI_VERSION) != layout.ABI_VERSION:
-            raise DriverError("device ABI version mismatch")
-        num_queues = regs.read32(layout.REG_NUM_QUEUES)
-        if not 0 <= queue < num_queues:
-            raise DriverError(f"the function has {num_queues} queues")
+        regs = self._map_bar()
+        self._check_queue(queue)
         max_ring = regs.read32(layout.REG_MAX_RING_SIZE)
         ring_size = min(ring_size, max_ring)
         self.queue = queue
@@ -88,17 +80,9 @@ class VnicDriver:
         self.function_id = regs.read32(layout.REG_FUNCTION_ID)
 
         desc_bytes = ring_size * layout.VNIC_DESC_SIZE
-        rings_bytes = _page_align(2 * desc_bytes)
+        rings_bytes = page_align(2 * desc_bytes)
         buffers_bytes = 2 * ring_size * layout.VNIC_BUFFER_SIZE
-        size = _page_align(rings_bytes + buffers_bytes)
-        self._mem_fd = os.memfd_create("libos-vnic-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self._mem_fd, size)
-        # The device maps this memory; a sealed size means we cannot pull it from under it.
-        fcntl.fcntl(self._mem_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        self._mem = mmap.mmap(self._mem_fd, size)
-        self._mem_view = memoryview(self._mem)
-        self._mem_size = size
-        client.dma_map(IOVA_BASE, size, self._mem_fd, 0, True, True)
+        self._map_dma("libos-vnic-dma", page_align(rings_bytes + buffers_bytes))
 
         self._rx_desc_off = 0
         self._tx_desc_off = desc_bytes
@@ -110,13 +94,7 @@ class VnicDriver:
         self.tx = DriverRing(regs, tx_index, self._mem_view[desc_bytes : 2 * desc_bytes], ring_size, layout.VNIC_DESC)
         self._tx_doorbell = layout.doorbell_offset(tx_index)
 
-        irq_info = client.get_irq_info(layout.IRQ_INDEX_MSIX)
-        if irq_info.count <= queue:
-            raise DriverError("the function has no interrupt for this queue")
-        self.irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        client.set_irq_eventfds(layout.IRQ_INDEX_MSIX, queue, [self.irq_fd])
-        self._poller = select.epoll()
-        self._poller.register(self.irq_fd, select.EPOLLIN)
+        self._setup_irq(queue)
 
         self.rx.enable(IOVA_BASE + self._rx_desc_off)
         self.tx.enable(IOVA_BASE + self._tx_desc_off)
@@ -180,7 +158,7 @@ class VnicDriver:
             tx.post(IOVA_BASE + buf, length, 0, 0, 0)
             taken += 1
         if taken and tx.publish():
-            self._ring(self._tx_doorbell)
+            self._ring_doorbell(self._tx_doorbell)
         self.counters.tx_packets += taken
         return taken
 
@@ -194,10 +172,6 @@ class VnicDriver:
             if tx.peek(start + offset)[3] != layout.DESC_OK:
                 self.counters.tx_errors += 1
         tx.reap(done)
-
-    def _ring(self, doorbell: int) -> None:
-        self.counters.doorbells += 1
-        self.client.posted_write(layout.BAR0_INDEX, doorbell, _DOORBELL_WRITE)
 
     def has_rx(self) -> bool:
         return self.rx.completed() != 0
@@ -217,35 +191,6 @@ class VnicDriver:
         try:
             if self.rx.completed():
                 return
-            self.counters.sleeps += 1
-            if self._poller.poll(timeout):
-                try:
-                    os.eventfd_read(self.irq_fd)
-                except BlockingIOError:
-                    pass
+            self._sleep(timeout)
         finally:
             self.rx.want_irq(False)
-
-    def fileno(self) -> int:
-        return self.irq_fd
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.rx.disable()
-            self.tx.disable()
-            self.client.disable_irqs(layout.IRQ_INDEX_MSIX)
-            self.client.dma_unmap(IOVA_BASE, self._mem_size)
-        except (OSError, Exception):
-            pass  # the device may already be gone; closing the socket tears it all down
-        self.client.close()
-        self.rx.descs.release()
-        self.tx.descs.release()
-        self.regs.release()
-        self._mem_view.release()
-        self._mem.close()
-        os.close(self._mem_fd)
-        os.close(self.irq_fd)
-        self._poller.close()

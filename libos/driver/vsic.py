@@ -19,22 +19,17 @@ pool costs memory only for the buffers actually used.
 
 from __future__ import annotations
 
-import fcntl
-import mmap
-import os
-import select
 import socket
 from dataclasses import dataclass
 
+from libos.driver.base import FunctionDriver, page_align
 from vdev import layout
-from vdev.ring import U32_MASK, DriverRing, Registers
-from vdev.vfio_user.client import VfioUserClient
+from vdev.ring import U32_MASK, DriverRing
 
 IOVA_BASE = 0x20_0000_0000
 DEFAULT_RING_SIZE = 64
 DEFAULT_SLOT_BLOCKS = 64  # 256 KiB per request at most; larger transfers are split above
 BLOCK_SIZE = layout.VSIC_BLOCK_SIZE
-_DOORBELL_WRITE = (0).to_bytes(4, "little")
 
 
 class VsicDriverError(Exception):
@@ -72,12 +67,15 @@ class DriverCounters:
         return dict(self.__dict__)
 
 
-def _page_align(value: int) -> int:
-    return (value + layout.PAGE_SIZE - 1) // layout.PAGE_SIZE * layout.PAGE_SIZE
+class VsicDriver(FunctionDriver):
+    """One request queue of a VSIC function, on the shared set-up of ``FunctionDriver``."""
 
-
-class VsicDriver:
-    """One request queue of a VSIC function."""
+    MAGIC = layout.MAGIC_VSIC
+    KIND = "VSIC"
+    QUEUE_NAME = "request queues"
+    ERROR = VsicDriverError
+    IOVA_BASE = IOVA_BASE
+    counters: DriverCounters
 
     def __init__(
         self,
@@ -88,28 +86,22 @@ class VsicDriver:
     ) -> None:
         if not 1 <= slot_blocks <= layout.VSIC_MAX_REQUEST_BLOCKS:
             raise ValueError(f"slot_blocks must be in 1..{layout.VSIC_MAX_REQUEST_BLOCKS}")
-        self.client = VfioUserClient(sock)
         self.counters = DriverCounters()
-        self._closed = False
+        super().__init__(sock)
         try:
             self._setup(ring_size, queue, slot_blocks)
         except Exception:
             self.client.close()
             raise
 
+    def _rings(self) -> tuple[DriverRing, ...]:
+        return (self.ring,)
+
     def _setup(self, ring_size: int, queue: int, slot_blocks: int) -> None:
-        client = self.client
-        self._bar = client.map_region(layout.BAR0_INDEX)
-        regs = self.regs = Registers(self._bar)
-        if regs.read32(layout.REG_MAGIC) != layout.MAGIC_VSIC:
-            raise VsicDriverError("not a VSIC function")
-        if regs.read32(layout.REG_ABI_VERSION) != layout.ABI_VERSION:
-            raise VsicDriverError("device ABI version mismatch")
+        regs = self._map_bar()
         if regs.read32(layout.REG_MAX_FRAME) != BLOCK_SIZE:
             raise VsicDriverError(f"the device's block size is not {BLOCK_SIZE}")
-        num_queues = regs.read32(layout.REG_NUM_QUEUES)
-        if not 0 <= queue < num_queues:
-            raise VsicDriverError(f"the function has {num_queues} request queues")
+        self._check_queue(queue)
         ring_size = min(ring_size, regs.read32(layout.REG_MAX_RING_SIZE))
         if ring_size < layout.MIN_RING_SIZE or ring_size & (ring_size - 1):
             raise VsicDriverError(f"ring size {ring_size} is not a power of two >= {layout.MIN_RING_SIZE}")
@@ -121,17 +113,9 @@ class VsicDriver:
         self.read_only = bool(regs.read32(layout.REG_STATUS) & layout.STATUS_READ_ONLY)
 
         desc_bytes = ring_size * layout.VSIC_DESC_SIZE
-        self._buf_off = _page_align(desc_bytes)
+        self._buf_off = page_align(desc_bytes)
         self._slot_bytes = slot_blocks * BLOCK_SIZE
-        size = self._buf_off + ring_size * self._slot_bytes
-        self._mem_fd = os.memfd_create("libos-vsic-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self._mem_fd, size)
-        # The device maps this memory; a sealed size means we cannot pull it from under it.
-        fcntl.fcntl(self._mem_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        self._mem = mmap.mmap(self._mem_fd, size)
-        self._mem_view = memoryview(self._mem)
-        self._mem_size = size
-        client.dma_map(IOVA_BASE, size, self._mem_fd, 0, True, True)
+        self._map_dma("libos-vsic-dma", self._buf_off + ring_size * self._slot_bytes)
 
         self.ring = DriverRing(regs, queue, self._mem_view[0:desc_bytes], ring_size, layout.VSIC_DESC)
         self._doorbell = layout.doorbell_offset(queue)
@@ -140,13 +124,7 @@ class VsicDriver:
         self._slot_blocks = [0] * ring_size
         self._next_tag = 0
 
-        irq_info = client.get_irq_info(layout.IRQ_INDEX_MSIX)
-        if irq_info.count <= queue:
-            raise VsicDriverError("the function has no interrupt for this queue")
-        self.irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        client.set_irq_eventfds(layout.IRQ_INDEX_MSIX, queue, [self.irq_fd])
-        self._poller = select.epoll()
-        self._poller.register(self.irq_fd, select.EPOLLIN)
+        self._setup_irq(queue)
         self.ring.enable(IOVA_BASE)
 
     # ---- data path -------------------------------------------------------------------
@@ -221,8 +199,7 @@ class VsicDriver:
     def publish(self) -> None:
         """Hand every posted request to the device; ring the doorbell only if it sleeps."""
         if self.ring.publish():
-            self.counters.doorbells += 1
-            self.client.posted_write(layout.BAR0_INDEX, self._doorbell, _DOORBELL_WRITE)
+            self._ring_doorbell(self._doorbell)
 
     def poll(self, budget: int = 64) -> list[Completion]:
         """Completions since the last call, in submission order (read data copied out)."""
@@ -264,34 +241,6 @@ class VsicDriver:
         try:
             if ring.completed() or ring.error:
                 return
-            self.counters.sleeps += 1
-            if self._poller.poll(timeout):
-                try:
-                    os.eventfd_read(self.irq_fd)
-                except BlockingIOError:
-                    pass
+            self._sleep(timeout)
         finally:
             ring.want_irq(False)
-
-    def fileno(self) -> int:
-        return self.irq_fd
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.ring.disable()
-            self.client.disable_irqs(layout.IRQ_INDEX_MSIX)
-            self.client.dma_unmap(IOVA_BASE, self._mem_size)
-        except Exception:
-            pass  # the device may already be gone; closing the socket tears it all down
-        self.client.close()
-        self.ring.descs.release()
-        self.regs.release()
-        self._mem_view.release()
-        self._mem.close()
-        self._bar.close()
-        os.close(self._mem_fd)
-        os.close(self.irq_fd)
-        self._poller.close()

@@ -12,34 +12,18 @@ through the DMA table, and a broken ring stops that ring only.
 
 from __future__ import annotations
 
-import errno
-import mmap
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdev import layout
-from vdev.dma import DmaFault, DmaTable
-from vdev.ring import DeviceRing, Registers, is_valid_ring_size
-from vdev.vfio_user.server import DeviceInfo, IrqInfo, RegionInfo
-from vdev.vfio_user.wire import VfioError
+from vdev.dma import DmaFault
+from vdev.function_base import DeviceFunction
+from vdev.ring import DeviceRing
 from vdev.vnic.ratelimit import TokenBucket, default_burst_bytes
 
 RX_POLICER_WINDOW = 0.05  # seconds of traffic the receive policer lets through at once
-_EVENTFD_ONE = (1).to_bytes(8, "little")
 _WRITEBACK = struct.Struct("<HHH")  # length, flags, status at VNIC_DESC_LENGTH_OFFSET
-
-# vfio-user device info: a PCI device with the nine standard regions and five IRQ types.
-_PCI_NUM_REGIONS = 9
-_PCI_NUM_IRQS = 5
-_DEVICE_FLAG_RESET = 0x1
-_DEVICE_FLAG_PCI = 0x2
-_REGION_READ = 0x1
-_REGION_WRITE = 0x2
-_REGION_MMAP = 0x4
-_IRQ_EVENTFD = 0x1
-_IRQ_NORESIZE = 0x8
 
 
 @dataclass
@@ -78,8 +62,14 @@ class FunctionConfig:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-class VnicFunction:
-    """The device side of one function (DeviceModel for the vfio-user server)."""
+class VnicFunction(DeviceFunction):
+    """The device side of one function (DeviceModel for the vfio-user server): queue pairs
+    of RX and TX rings over the shared half in ``DeviceFunction``."""
+
+    MAGIC = layout.MAGIC_VNIC
+    BAR_NAME = "vnic"
+    config: FunctionConfig
+    counters: FunctionCounters
 
     def __init__(self, config: FunctionConfig, now: float) -> None:
         if not 1 <= config.num_queues <= layout.MAX_RINGS // 2:
@@ -87,24 +77,13 @@ class VnicFunction:
         if len(config.mac) != 6 or len(config.ipv4) != 4:
             raise ValueError("mac is 6 bytes and ipv4 is 4 bytes")
         self.config = config
-        self.function_id = config.function_id
-        self.num_queues = config.num_queues
         self.counters = FunctionCounters()
-        self.dma_table = DmaTable()
-        self.dma_table.on_unmap(self._on_unmap)
-        self._bar_fd = os.memfd_create(f"vnic-fn{config.function_id}-bar0", os.MFD_CLOEXEC)
-        os.ftruncate(self._bar_fd, layout.BAR0_SIZE)
-        self._bar = mmap.mmap(self._bar_fd, layout.BAR0_SIZE)
-        self.regs = Registers(self._bar)
-        self._irq_fds: list[int | None] = [None] * config.num_queues
         self.rx_rings: list[DeviceRing | None] = [None] * config.num_queues
         self.tx_rings: list[DeviceRing | None] = [None] * config.num_queues
+        super().__init__(layout.VNIC_MAX_FRAME)
         self.rx_limit: TokenBucket | None = None
         self.tx_limit: TokenBucket | None = None
         self.set_rates(config.rx_rate_bps, config.tx_rate_bps, now)
-        self.closed = False
-        self.asleep = False
-        self.doorbell_listener: Callable[[VnicFunction], None] | None = None
         self._init_registers()
 
     def set_rates(self, rx_bps: int, tx_bps: int, now: float) -> None:
@@ -123,18 +102,10 @@ class VnicFunction:
 
     # ---- registers ------------------------------------------------------------------
 
-    def _init_registers(self) -> None:
-        regs = self.regs
-        self._bar[: layout.BAR0_SIZE] = bytes(layout.BAR0_SIZE)
-        regs.write32(layout.REG_MAGIC, layout.MAGIC_VNIC)
-        regs.write32(layout.REG_ABI_VERSION, layout.ABI_VERSION)
-        regs.write32(layout.REG_NUM_QUEUES, self.num_queues)
-        regs.write32(layout.REG_MAX_RING_SIZE, self.config.max_ring_size)
-        regs.write32(layout.REG_MAX_FRAME, layout.VNIC_MAX_FRAME)
-        regs.write32(layout.REG_FUNCTION_ID, self.function_id)
+    def _init_function_registers(self) -> None:
         self._bar[layout.REG_MAC : layout.REG_MAC + 6] = self.config.mac
         self._bar[layout.REG_IPV4 : layout.REG_IPV4 + 4] = self.config.ipv4
-        regs.write32(layout.REG_STATUS, layout.STATUS_ENABLED)
+        self.regs.write32(layout.REG_STATUS, layout.STATUS_ENABLED)
 
     def sync_rings(self) -> None:
         """Pick up rings the driver enabled or disabled since the last look.
@@ -151,32 +122,11 @@ class VnicFunction:
                 if enabled and current is None:
                     if regs.read32(layout.ring_reg(ring_index, layout.RING_ERROR)):
                         continue  # stopped until the driver disables and re-enables it
-                    rings[queue] = self._open_ring(ring_index)
+                    rings[queue] = self._open_ring(ring_index, layout.VNIC_DESC)
                 elif not enabled:
                     # Disabling resets the ring, a failed one included (how a driver recovers).
                     rings[queue] = None
                     regs.write32(layout.ring_reg(ring_index, layout.RING_ERROR), 0)
-
-    def _open_ring(self, ring_index: int) -> DeviceRing | None:
-        regs = self.regs
-        ring_iova = regs.read64(layout.ring_reg(ring_index, layout.RING_IOVA))
-        ring_size = regs.read32(layout.ring_reg(ring_index, layout.RING_SIZE))
-        if not is_valid_ring_size(ring_size, self.config.max_ring_size):
-            self._ring_error(ring_index, layout.RING_ERR_SETUP)
-            return None
-        nbytes = ring_size * layout.VNIC_DESC_SIZE
-        try:
-            buffer, offset = self.dma_table.translate(ring_iova, nbytes, True)
-        except DmaFault:
-            self.counters.iommu_faults += 1
-            self._ring_error(ring_index, layout.RING_ERR_SETUP)
-            return None
-        descs = memoryview(buffer)[offset : offset + nbytes]
-        return DeviceRing(regs, ring_index, descs, ring_size, layout.VNIC_DESC)
-
-    def _ring_error(self, ring_index: int, code: int) -> None:
-        self.counters.ring_errors += 1
-        self.regs.write32(layout.ring_reg(ring_index, layout.RING_ERROR), code)
 
     def _fail_ring(self, rings: list[DeviceRing | None], queue: int, code: int) -> None:
         ring = rings[queue]
@@ -228,8 +178,7 @@ class VnicFunction:
                 buffer, offset = self.dma_table.translate(iova, length, True)
             except DmaFault:
                 status = layout.DESC_IOMMU_FAULT
-                counters.iommu_faults += 1
-                self.regs.write64(layout.REG_IOMMU_FAULTS, counters.iommu_faults)
+                self._count_iommu_fault()
             else:
                 buffer[offset : offset + length] = frame
         if status:
@@ -284,8 +233,7 @@ class VnicFunction:
                     buffer, offset = self.dma_table.translate(iova, length, False)
                 except DmaFault:
                     status = layout.DESC_IOMMU_FAULT
-                    counters.iommu_faults += 1
-                    self.regs.write64(layout.REG_IOMMU_FAULTS, counters.iommu_faults)
+                    self._count_iommu_fault()
                 else:
                     # Copy first, then check: the driver may rewrite its buffer at any time,
                     # and the filter must judge exactly the bytes that go on the wire.
@@ -337,100 +285,15 @@ class VnicFunction:
                     ring.clear_irq_wanted()
                     wanted = True
             if wanted:
-                try:
-                    os.write(fd, _EVENTFD_ONE)
-                    self.counters.irqs += 1
-                except BlockingIOError:
-                    pass  # the counter is saturated: the driver has a wakeup pending anyway
+                self._signal_irq(fd)
 
-    # ---- vfio-user DeviceModel -----------------------------------------------------
-
-    def device_info(self) -> DeviceInfo:
-        return DeviceInfo(flags=_DEVICE_FLAG_RESET | _DEVICE_FLAG_PCI, num_regions=_PCI_NUM_REGIONS, num_irqs=_PCI_NUM_IRQS)
-
-    def region_info(self, index: int) -> RegionInfo:
-        if index == layout.BAR0_INDEX:
-            return RegionInfo(
-                flags=_REGION_READ | _REGION_WRITE | _REGION_MMAP,
-                size=layout.BAR0_SIZE,
-                fd=self._bar_fd,
-                offset=0,
-                sparse_areas=[(layout.REGISTER_PAGE_OFFSET, layout.PAGE_SIZE)],
-            )
-        return RegionInfo(flags=0, size=0, fd=None, offset=0, sparse_areas=[])
-
-    def region_read(self, index: int, offset: int, count: int) -> bytes:
-        if index != layout.BAR0_INDEX:
-            raise VfioError(errno.EINVAL, "only BAR0 exists")
-        return bytes(self._bar[offset : offset + count])
-
-    def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if index != layout.BAR0_INDEX:
-            raise VfioError(errno.EINVAL, "only BAR0 exists")
-        if offset >= layout.DOORBELL_PAGE_OFFSET:
-            # A doorbell: the value is only a hint; waking up is what matters.
-            self.counters.doorbells += 1
-            if self.doorbell_listener is not None:
-                self.doorbell_listener(self)
-            return
-        self._bar[offset : offset + len(data)] = data
-
-    def irq_info(self, index: int) -> IrqInfo:
-        if index == layout.IRQ_INDEX_MSIX:
-            return IrqInfo(flags=_IRQ_EVENTFD | _IRQ_NORESIZE, count=self.num_queues)
-        return IrqInfo(flags=0, count=0)
-
-    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
-        if index != layout.IRQ_INDEX_MSIX or start + len(fds) > self.num_queues:
-            for fd in fds:
-                os.close(fd)
-            raise VfioError(errno.EINVAL, "no such interrupt vectors")
-        for offset, fd in enumerate(fds):
-            old = self._irq_fds[start + offset]
-            if old is not None:
-                os.close(old)
-            os.set_blocking(fd, False)
-            self._irq_fds[start + offset] = fd
-
-    def clear_irqs(self, index: int, start: int, count: int) -> None:
-        if index != layout.IRQ_INDEX_MSIX:
-            return
-        if count == 0:
-            start, count = 0, self.num_queues
-        for vector in range(start, min(start + count, self.num_queues)):
-            old = self._irq_fds[vector]
-            if old is not None:
-                os.close(old)
-                self._irq_fds[vector] = None
-
-    def reset(self) -> None:
+    def _drop_rings(self) -> None:
         self.rx_rings = [None] * self.num_queues
         self.tx_rings = [None] * self.num_queues
-        self.clear_irqs(layout.IRQ_INDEX_MSIX, 0, 0)
-        self._init_registers()
-
-    def disconnected(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.rx_rings = [None] * self.num_queues
-        self.tx_rings = [None] * self.num_queues
-        self.clear_irqs(layout.IRQ_INDEX_MSIX, 0, 0)
-        self.dma_table.clear()
-        self.regs.release()
-        self._bar.close()
-        os.close(self._bar_fd)
 
     def snapshot(self) -> dict[str, object]:
         return {
-            "function_id": self.function_id,
-            "name": self.config.name,
-            "owner_pid": self.config.owner_pid,
-            "owner_uid": self.config.owner_uid,
-            "queues": self.num_queues,
+            **self._snapshot_head(),
             "rx_rate_bps": self.config.rx_rate_bps,
             "tx_rate_bps": self.config.tx_rate_bps,
             "counters": self.counters.as_dict(),

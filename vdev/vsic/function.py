@@ -16,19 +16,15 @@ the function never sees a file descriptor or a physical offset it did not comput
 
 from __future__ import annotations
 
-import errno
-import mmap
-import os
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vdev import layout
-from vdev.dma import DmaFault, DmaTable
-from vdev.ring import DeviceRing, Registers, is_valid_ring_size
-from vdev.vfio_user.server import DeviceInfo, IrqInfo, RegionInfo
-from vdev.vfio_user.wire import VfioError
+from vdev.dma import DmaFault
+from vdev.function_base import DeviceFunction
+from vdev.ring import DeviceRing, is_valid_ring_size
 from vdev.vnic.ratelimit import RequestLimiter
 
 BLOCK_SIZE = layout.VSIC_BLOCK_SIZE
@@ -36,19 +32,7 @@ MAX_QUEUES = layout.MAX_RINGS
 MAX_EXTENTS = 4096  # a VSA's extent list is control-plane data, but still bounded
 DEFAULT_MAX_RING_SIZE = 1024
 
-_EVENTFD_ONE = (1).to_bytes(8, "little")
 _BLOCK_MASK = BLOCK_SIZE - 1
-
-# vfio-user device info: a PCI device with the nine standard regions and five IRQ types.
-_PCI_NUM_REGIONS = 9
-_PCI_NUM_IRQS = 5
-_DEVICE_FLAG_RESET = 0x1
-_DEVICE_FLAG_PCI = 0x2
-_REGION_READ = 0x1
-_REGION_WRITE = 0x2
-_REGION_MMAP = 0x4
-_IRQ_EVENTFD = 0x1
-_IRQ_NORESIZE = 0x8
 
 
 class VsaError(ValueError):
@@ -176,8 +160,14 @@ class FunctionConfig:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-class VsicFunction:
-    """The device side of one function (DeviceModel for the vfio-user server)."""
+class VsicFunction(DeviceFunction):
+    """The device side of one function (DeviceModel for the vfio-user server): request
+    rings over a VSA, on the shared half in ``DeviceFunction``."""
+
+    MAGIC = layout.MAGIC_VSIC
+    BAR_NAME = "vsic"
+    config: FunctionConfig
+    counters: FunctionCounters
 
     def __init__(self, config: FunctionConfig, vsa: VirtualStorageArea, storage: Storage, now: float) -> None:
         if not 1 <= config.num_queues <= MAX_QUEUES:
@@ -185,26 +175,15 @@ class VsicFunction:
         if not is_valid_ring_size(config.max_ring_size, layout.MAX_RING_SIZE):
             raise ValueError(f"max ring size {config.max_ring_size} is not a power of two in range")
         self.config = config
-        self.function_id = config.function_id
-        self.num_queues = config.num_queues
         self.vsa = vsa
         self.storage = storage
         self.counters = FunctionCounters()
         self.limiter = RequestLimiter(config.iops, config.bps, now)
         # When the limiter stopped this function's rings, the time it lets requests go on.
         self.blocked_until = 0.0
-        self.dma_table = DmaTable()
-        self.dma_table.on_unmap(self._on_unmap)
-        self._bar_fd = os.memfd_create(f"vsic-fn{config.function_id}-bar0", os.MFD_CLOEXEC)
-        os.ftruncate(self._bar_fd, layout.BAR0_SIZE)
-        self._bar = mmap.mmap(self._bar_fd, layout.BAR0_SIZE)
-        self.regs = Registers(self._bar)
-        self._irq_fds: list[int | None] = [None] * config.num_queues
         self.rings: list[DeviceRing | None] = [None] * config.num_queues
         self._completed: set[int] = set()  # queues with completions since the last IRQ pass
-        self.closed = False
-        self.asleep = False
-        self.doorbell_listener: Callable[[VsicFunction], None] | None = None
+        super().__init__(BLOCK_SIZE)
         self._init_registers()
 
     def set_limits(self, iops: int, bps: int, now: float) -> None:
@@ -217,15 +196,8 @@ class VsicFunction:
 
     # ---- registers ------------------------------------------------------------------
 
-    def _init_registers(self) -> None:
+    def _init_function_registers(self) -> None:
         regs = self.regs
-        self._bar[: layout.BAR0_SIZE] = bytes(layout.BAR0_SIZE)
-        regs.write32(layout.REG_MAGIC, layout.MAGIC_VSIC)
-        regs.write32(layout.REG_ABI_VERSION, layout.ABI_VERSION)
-        regs.write32(layout.REG_NUM_QUEUES, self.num_queues)
-        regs.write32(layout.REG_MAX_RING_SIZE, self.config.max_ring_size)
-        regs.write32(layout.REG_MAX_FRAME, BLOCK_SIZE)
-        regs.write32(layout.REG_FUNCTION_ID, self.function_id)
         regs.write64(layout.REG_CAPACITY_BLOCKS, self.vsa.capacity_blocks)
         status = layout.STATUS_ENABLED | (layout.STATUS_READ_ONLY if self.vsa.read_only else 0)
         regs.write32(layout.REG_STATUS, status)
@@ -240,7 +212,7 @@ class VsicFunction:
             if enabled and current is None:
                 if regs.read32(layout.ring_reg(queue, layout.RING_ERROR)):
                     continue  # stopped until the driver disables and re-enables it
-                self.rings[queue] = self._open_ring(queue)
+                self.rings[queue] = self._open_ring(queue, layout.VSIC_DESC)
                 if self.asleep and self.rings[queue] is not None:
                     regs.write32(layout.ring_reg(queue, layout.RING_DEVICE_ASLEEP), 1)
             elif not enabled:
@@ -249,27 +221,6 @@ class VsicFunction:
                     current.descs.release()
                     self.rings[queue] = None
                 regs.write32(layout.ring_reg(queue, layout.RING_ERROR), 0)
-
-    def _open_ring(self, queue: int) -> DeviceRing | None:
-        regs = self.regs
-        ring_iova = regs.read64(layout.ring_reg(queue, layout.RING_IOVA))
-        ring_size = regs.read32(layout.ring_reg(queue, layout.RING_SIZE))
-        if not is_valid_ring_size(ring_size, self.config.max_ring_size):
-            self._ring_error(queue, layout.RING_ERR_SETUP)
-            return None
-        nbytes = ring_size * layout.VSIC_DESC_SIZE
-        try:
-            buffer, offset = self.dma_table.translate(ring_iova, nbytes, True)
-        except DmaFault:
-            self._count_iommu_fault()
-            self._ring_error(queue, layout.RING_ERR_SETUP)
-            return None
-        descs = memoryview(buffer)[offset : offset + nbytes]
-        return DeviceRing(regs, queue, descs, ring_size, layout.VSIC_DESC)
-
-    def _ring_error(self, queue: int, code: int) -> None:
-        self.counters.ring_errors += 1
-        self.regs.write32(layout.ring_reg(queue, layout.RING_ERROR), code)
 
     def fail_ring(self, queue: int, code: int) -> None:
         """Stop ring ``queue`` with RING_ERR ``code`` until the driver disables it."""
@@ -290,10 +241,6 @@ class VsicFunction:
             ring_iova = self.regs.read64(layout.ring_reg(queue, layout.RING_IOVA))
             if iova <= ring_iova < iova + size:
                 self.fail_ring(queue, layout.RING_ERR_UNMAPPED)
-
-    def _count_iommu_fault(self) -> None:
-        self.counters.iommu_faults += 1
-        self.regs.write64(layout.REG_IOMMU_FAULTS, self.counters.iommu_faults)
 
     # ---- data path ------------------------------------------------------------------
 
@@ -449,72 +396,8 @@ class VsicFunction:
             if ring is None or fd is None or not ring.irq_wanted():
                 continue
             ring.clear_irq_wanted()
-            try:
-                os.write(fd, _EVENTFD_ONE)
-                self.counters.irqs += 1
-            except BlockingIOError:
-                pass  # the counter is saturated: the driver has a wakeup pending anyway
+            self._signal_irq(fd)
         self._completed.clear()
-
-    # ---- vfio-user DeviceModel -----------------------------------------------------
-
-    def device_info(self) -> DeviceInfo:
-        return DeviceInfo(flags=_DEVICE_FLAG_RESET | _DEVICE_FLAG_PCI, num_regions=_PCI_NUM_REGIONS, num_irqs=_PCI_NUM_IRQS)
-
-    def region_info(self, index: int) -> RegionInfo:
-        if index == layout.BAR0_INDEX:
-            return RegionInfo(
-                flags=_REGION_READ | _REGION_WRITE | _REGION_MMAP,
-                size=layout.BAR0_SIZE,
-                fd=self._bar_fd,
-                offset=0,
-                sparse_areas=[(layout.REGISTER_PAGE_OFFSET, layout.PAGE_SIZE)],
-            )
-        return RegionInfo(flags=0, size=0, fd=None, offset=0, sparse_areas=[])
-
-    def region_read(self, index: int, offset: int, count: int) -> bytes:
-        if index != layout.BAR0_INDEX:
-            raise VfioError(errno.EINVAL, "only BAR0 exists")
-        return bytes(self._bar[offset : offset + count])
-
-    def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if index != layout.BAR0_INDEX:
-            raise VfioError(errno.EINVAL, "only BAR0 exists")
-        if offset >= layout.DOORBELL_PAGE_OFFSET:
-            # A doorbell: the value is only a hint; waking up is what matters.
-            self.counters.doorbells += 1
-            if self.doorbell_listener is not None:
-                self.doorbell_listener(self)
-            return
-        self._bar[offset : offset + len(data)] = data
-
-    def irq_info(self, index: int) -> IrqInfo:
-        if index == layout.IRQ_INDEX_MSIX:
-            return IrqInfo(flags=_IRQ_EVENTFD | _IRQ_NORESIZE, count=self.num_queues)
-        return IrqInfo(flags=0, count=0)
-
-    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
-        if index != layout.IRQ_INDEX_MSIX or start + len(fds) > self.num_queues:
-            for fd in fds:
-                os.close(fd)
-            raise VfioError(errno.EINVAL, "no such interrupt vectors")
-        for offset, fd in enumerate(fds):
-            old = self._irq_fds[start + offset]
-            if old is not None:
-                os.close(old)
-            os.set_blocking(fd, False)
-            self._irq_fds[start + offset] = fd
-
-    def clear_irqs(self, index: int, start: int, count: int) -> None:
-        if index != layout.IRQ_INDEX_MSIX:
-            return
-        if count == 0:
-            start, count = 0, self.num_queues
-        for vector in range(start, min(start + count, self.num_queues)):
-            old = self._irq_fds[vector]
-            if old is not None:
-                os.close(old)
-                self._irq_fds[vector] = None
 
     def _drop_rings(self) -> None:
         for ring in self.rings:
@@ -523,32 +406,9 @@ class VsicFunction:
         self.rings = [None] * self.num_queues
         self._completed.clear()
 
-    def reset(self) -> None:
-        self._drop_rings()
-        self.clear_irqs(layout.IRQ_INDEX_MSIX, 0, 0)
-        self._init_registers()
-
-    def disconnected(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._drop_rings()
-        self.clear_irqs(layout.IRQ_INDEX_MSIX, 0, 0)
-        self.dma_table.clear()
-        self.regs.release()
-        self._bar.close()
-        os.close(self._bar_fd)
-
     def snapshot(self) -> dict[str, object]:
         return {
-            "function_id": self.function_id,
-            "name": self.config.name,
-            "owner_pid": self.config.owner_pid,
-            "owner_uid": self.config.owner_uid,
-            "queues": self.num_queues,
+            **self._snapshot_head(),
             "capacity_blocks": self.vsa.capacity_blocks,
             "extents": [list(extent) for extent in self.vsa.extents],
             "read_only": self.vsa.read_only,

@@ -9,53 +9,27 @@ it stops (SIGTERM or SIGINT).
 
 from __future__ import annotations
 
-import argparse
-import json
-import signal
 import sys
 
-from libos.api import BACKENDS, LibOSError, open_libos
+from libos.api import LibOSError
+from libos.apps.common import open_server_libos, parse_server_args, serve_and_report, server_parser, stop_on_signals
 from libos.apps.memcache.server import DEFAULT_MAX_CLIENTS, McServer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m libos.apps.memcache", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=BACKENDS, required=True)
-    parser.add_argument("--port", type=int, default=11211)
-    parser.add_argument("--address", default="0.0.0.0", help="address to listen on")
-    parser.add_argument("--instance", default="", help="topology instance (tests use their own)")
-    parser.add_argument("--netns", default=None,
-                        help="linux: namespace to run in ('' stays here; default: the instance's baseline)")
-    parser.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS)
+    parser = server_parser("python -m libos.apps.memcache", __doc__, 11211, DEFAULT_MAX_CLIENTS)
     parser.add_argument("--no-udp", action="store_true", help="serve TCP only")
-    parser.add_argument("--poll-window", type=float, default=None, help="vnic: seconds of polling before sleeping")
-    args = parser.parse_args(argv)
-    if not 0 < args.port < 65536:
-        parser.error("--port must be in 1..65535")
+    args = parse_server_args(parser, argv)
 
-    stopping = False
-
-    def stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    should_stop = stop_on_signals()
     try:
-        los = open_libos(args.backend, instance=args.instance, netns=args.netns,
-                         name=f"memcache:{args.port}", poll_window=args.poll_window)
+        los = open_server_libos(args, f"memcache:{args.port}")
         server = McServer(los, args.port, address=args.address, max_clients=args.max_clients,
                           udp=not args.no_udp)
     except (LibOSError, ValueError) as exc:
         print(f"memcache: {exc}", file=sys.stderr)
         return 1
-    print(f"memcache: ready backend={args.backend} port={args.port}", flush=True)
-    server.serve(lambda: stopping)
-    stats = server.stats()
-    print("memcache: stats " + json.dumps(stats), flush=True)
-    server.server.close_all()
-    los.shutdown()
+    serve_and_report("memcache", args, server, los, should_stop)
     return 0
 
 

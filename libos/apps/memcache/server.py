@@ -1,6 +1,6 @@
 """The memcached-compatible server over the queue API: TCP and UDP on one port.
 
-TCP connections run through the same ``StreamServer`` loop as the key-value server; the
+TCP connections run through the ``StreamServer`` loop (``libos.apps.streams``); the
 UDP queue is served from that loop too, one request datagram per completed ``pop``
 (``McUdpHandler`` answers it, memcached's frame header included). Reply datagrams are
 sent with ``pushto``; their tokens are collected by the loop, and no more than
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from libos.api import Address, LibOS, LibOSError, Opcode, QResult, SocketKind
-from libos.apps.kv.server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS, StreamServer, StreamSession, open_listener
+from libos.apps.streams import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CLIENTS, StreamServer, StreamSession, open_listener
 from libos.apps.memcache.protocol import McEngine, McSession
 from libos.apps.memcache.udp import McUdpHandler
 

@@ -1,0 +1,292 @@
+"""The loop every device host process runs, whatever its device.
+
+A device host (``vdev.vnic.host``, ``vdev.vsic.host``) serves one virtual device: the
+management channel to kernelctl (``vdev.mgmt``), one vfio-user session per function, and the
+device's own work. Its loop has two modes:
+
+* **busy**: while work keeps coming it polls the device and its sockets without sleeping, so
+  a busy application posts work with plain stores and never needs a doorbell (a system call);
+* **asleep**: after ``spin`` seconds without work it tells every ring it is asleep, looks at
+  the rings once more (work posted while it was deciding must not be slept through), and
+  blocks in epoll until a doorbell (a trapped REGION_WRITE on a vfio-user socket), a
+  management message, a wire frame, or the device's next deadline.
+
+An idle device host therefore uses no CPU. A misbehaving application can only hurt its own
+function: an error in one vfio-user session closes that session and removes that function.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import sys
+import time
+import traceback
+from typing import Any, ClassVar, Protocol
+
+from vdev import mgmt
+from vdev.vfio_user.server import VfioUserServerConnection
+
+MAX_SLEEP = 0.05  # a lost wakeup (see vdev.ring) costs at most this much latency
+MAX_FUNCTIONS = 64
+
+
+class HostedDevice(Protocol):
+    """What the loop needs from the device it serves."""
+
+    def set_asleep(self, asleep: bool) -> None: ...
+
+    def sync_rings(self) -> None: ...
+
+    def raise_irqs(self) -> None: ...
+
+    def remove_function(self, function_id: int) -> None: ...
+
+    def snapshot(self) -> dict[str, object]: ...
+
+    def close(self) -> None: ...
+
+
+class DeviceHostBase:
+    """The loop, the vfio-user sessions and the management channel of a device host.
+
+    A subclass provides:
+
+    * ``_deadline()``: when the device wants to run again while idle (a rate limiter that
+      stopped a ring), or None;
+    * ``_has_work(now)``: whether a ring holds work (looked at just before sleeping);
+    * ``_poll(now)``: one bounded pass of the device's work; how much it did;
+    * ``_on_wire(queue, now)``: a wire fd (registered in ``_wire_fds``, fd -> queue) is
+      readable; how much it did. Devices without a wire leave ``_wire_fds`` empty;
+    * ``_function_id(message)``: the checked ``function_id`` of a management request;
+    * ``_create_function(message, fds)``: the ``create_function`` request; it ends with
+      ``_add_session``;
+    * ``_handle_device_op(op, message)``: the requests only this device knows (it raises
+      ValueError for an unknown ``op``);
+    * ``MGMT_ERRORS``: the exceptions a bad request may raise (each answered as an error).
+    """
+
+    MGMT_ERRORS: ClassVar[tuple[type[Exception], ...]] = (ValueError, KeyError, TypeError, OSError)
+
+    def __init__(self, device: HostedDevice, mgmt_sock: socket.socket, spin: float) -> None:
+        self.device = device
+        self.mgmt = mgmt_sock
+        self.spin = spin
+        self.epoll = select.epoll()
+        self.running = True
+        self._wire_fds: dict[int, int] = {}
+        self._conns: dict[int, tuple[VfioUserServerConnection, int]] = {}
+        self._busy_until = 0.0
+        self.mgmt.setblocking(False)
+        self.epoll.register(self.mgmt.fileno(), select.EPOLLIN)
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        return None
+
+    def _has_work(self, now: float) -> bool:
+        raise NotImplementedError
+
+    def _poll(self, now: float) -> int:
+        raise NotImplementedError
+
+    def _on_wire(self, queue: int, now: float) -> int:
+        return 0
+
+    def _function_id(self, message: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    def _create_function(self, message: dict[str, Any], fds: list[int]) -> object:
+        raise NotImplementedError
+
+    def _handle_device_op(self, op: object, message: dict[str, Any]) -> object:
+        raise ValueError(f"unknown op {op!r}")
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        device = self.device
+        poll = self.epoll.poll
+        monotonic = time.monotonic
+        wire_fds = self._wire_fds
+        while self.running:
+            now = monotonic()
+            busy = now < self._busy_until
+            if busy:
+                timeout = 0.0
+            else:
+                timeout = MAX_SLEEP
+                deadline = self._deadline()
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, deadline - now))
+                device.set_asleep(True)
+                device.sync_rings()
+                if self._has_work(now):
+                    timeout = 0.0  # posted while we were deciding: no sleep after all
+            events = poll(timeout)
+            now = monotonic()
+            if not busy:
+                device.set_asleep(False)
+                device.sync_rings()
+            work = 0
+            for fd, mask in events:
+                queue = wire_fds.get(fd)
+                if queue is not None:
+                    work += self._on_wire(queue, now)
+                elif fd == self.mgmt.fileno():
+                    self._on_mgmt()
+                else:
+                    work += self._on_vfio(fd, mask)
+            work += self._poll(now)
+            device.raise_irqs()
+            if work:
+                self._busy_until = now + self.spin
+
+    def wake(self, function: object) -> None:
+        # A doorbell: the driver posted work while we slept. Stay awake to poll its rings.
+        self._busy_until = time.monotonic() + self.spin
+
+    # ---- vfio-user sessions ----------------------------------------------------------------
+
+    def _add_session(self, conn: VfioUserServerConnection, function_id: int) -> None:
+        self._conns[conn.fileno()] = (conn, function_id)
+        self.epoll.register(conn.fileno(), select.EPOLLIN)
+
+    def _on_vfio(self, fd: int, mask: int) -> int:
+        entry = self._conns.get(fd)
+        if entry is None:
+            return 0
+        conn, function_id = entry
+        try:
+            alive = True
+            if mask & select.EPOLLOUT:
+                alive = conn.on_writable()
+            if alive and mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                alive = conn.on_readable()
+        except Exception:  # a bug must not take the device host down: drop this session
+            traceback.print_exc(file=sys.stderr)
+            alive = False
+        if not alive:
+            self._drop_session(fd, function_id)
+        else:
+            # Replies that did not fit in the socket wait for EPOLLOUT.
+            self.epoll.modify(fd, conn.epoll_events())
+        return 1
+
+    def _drop_session(self, fd: int, function_id: int) -> None:
+        entry = self._conns.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        if entry is not None:
+            entry[0].close()
+        self.device.remove_function(function_id)
+        self._send({"event": "function_closed", "function_id": function_id})
+
+    # ---- management ------------------------------------------------------------------------
+
+    def _on_mgmt(self) -> None:
+        while self.running:
+            try:
+                received = mgmt.recv_message(self.mgmt)
+            except BlockingIOError:
+                return
+            except mgmt.MgmtError as exc:
+                self._reply(None, error=str(exc))
+                continue
+            except OSError:
+                self.running = False
+                return
+            if received is None:
+                # The control plane went away: a device host without one must not linger.
+                self.running = False
+                return
+            message, fds = received
+            request_id = message.get("id")
+            try:
+                result = self._handle(message, fds)
+            except self.MGMT_ERRORS as exc:
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                self._reply(request_id, error=f"{type(exc).__name__}: {exc}")
+            else:
+                self._reply(request_id, result=result)
+
+    def _handle(self, message: dict[str, Any], fds: list[int]) -> object:
+        op = message.get("op")
+        if op == "create_function":
+            return self._create_function(message, fds)
+        if fds:
+            raise ValueError(f"{op} takes no file descriptors")
+        if op == "destroy_function":
+            function_id = self._function_id(message)
+            for fd, (_conn, fid) in list(self._conns.items()):
+                if fid == function_id:
+                    self._drop_session(fd, fid)
+            self.device.remove_function(function_id)
+            return None
+        if op == "stats":
+            return self.device.snapshot()
+        if op == "shutdown":
+            self.running = False
+            return None
+        return self._handle_device_op(op, message)
+
+    def _reply(self, request_id: object, *, result: object = None, error: str | None = None) -> None:
+        message: dict[str, Any] = {"id": request_id, "ok": error is None}
+        if error is None:
+            message["result"] = result
+        else:
+            message["error"] = error
+        self._send(message)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.mgmt.setblocking(True)
+            mgmt.send_message(self.mgmt, message)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
+                raise
+            self.running = False
+        finally:
+            try:
+                self.mgmt.setblocking(False)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for conn, _fid in list(self._conns.values()):
+            conn.close()
+        self._conns.clear()
+        self.device.close()
+        self.epoll.close()
+
+
+def serve(host: DeviceHostBase, profile_name: str | None = None) -> None:
+    """Run ``host`` until it stops, then close it.
+
+    With ``profile_name`` and ``ARRAKIS_PROFILE_DIR`` set (tools/bench --profile), the loop
+    runs under cProfile and the profile is written there as ``NAME-PID.prof``, to show where
+    the device host's time goes.
+    """
+    profile_dir = os.environ.get("ARRAKIS_PROFILE_DIR") if profile_name else None
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        host.run()
+    finally:
+        host.close()
+        if profiler is not None and profile_dir:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{profile_name}-{os.getpid()}.prof"))
