@@ -143,7 +143,14 @@ class DeviceHostBase:
             work += self._poll(now)
             device.raise_irqs()
             if work:
-                self._busy_until = now + self.spin
+                # From the end of the work, not its start: a long flush must not send the
+                # host to sleep the moment it finishes.
+                self._busy_until = monotonic() + self.spin
+            elif busy:
+                # Polling, but nothing came: let a runnable process have the CPU first. On a
+                # machine with fewer cores than pollers, the one we wait for (the
+                # application, the client) may be queued behind us.
+                os.sched_yield()
 
     def wake(self, function: object) -> None:
         # A doorbell: the driver posted work while we slept. Stay awake to poll its rings.

@@ -658,7 +658,7 @@ _ALL_KEYS: Final = (1, -1, 1)
 
 COMMANDS: Final[Mapping[str, CommandSpec]] = {spec.name: spec for spec in [
     _spec("ping", -1, "fast", _NO_KEYS, "fast connection", "connection", "Ping the server", _ping),
-    _spec("echo", 2, "fast", _NO_KEYS, "fast connection", "connection", "Echo the given string", _echo),
+    _spec("echo", 2, "loading stale fast", _NO_KEYS, "fast connection", "connection", "Echo the given string", _echo),
     _spec("quit", -1, "noscript loading stale fast no_auth allow_busy", _NO_KEYS, "fast connection",
           "connection", "Close the connection", _quit),
     _spec("select", 2, "loading stale fast", _NO_KEYS, "fast connection", "connection",

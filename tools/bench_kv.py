@@ -1,0 +1,329 @@
+"""Key-value benchmark: the libOS Redis and memcached servers on both backends against the real ones.
+
+    tools/bench kv [--json PATH] [--requests N] [--seconds S] [--profile]
+
+In one run, on a topology instance of its own:
+
+* **redis-benchmark** GET and SET, 1 and 50 clients, pipeline 1, against the libOS key-value
+  server on the VNIC, the same server on the Linux backend, and a real redis-server 7 in the
+  baseline namespace (no persistence, like ours);
+* **memcaslap** (its default 90/10 get/set mix, 16 connections) over TCP and over UDP
+  against the libOS memcache server on both backends and a real memcached in the baseline
+  namespace.
+
+The servers run one at a time (only the one measured is up), pinned to CPU 1; the clients
+and the VNIC device host are pinned to CPU 0 (on a 2-core box the device host plays the NIC,
+and the only core not running the application is the client's). It prints throughput and
+p50/p99 latency (redis-benchmark's ``--csv``; memcaslap reports throughput only) with the
+ratios vnic/linux and vnic/real, and writes everything to JSON.
+
+With ``--profile`` it instead runs only the GET test (50 clients) against the VNIC server,
+with that server and the device host under cProfile, and reports their top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+from kernelctl.names import Topology, topology
+
+REPO = Path(__file__).resolve().parent.parent
+APP_CPU = 1
+CLIENT_CPU = 0
+KV_PORT = 6379
+MC_PORT = 11211
+REAL_REDIS_PORT = 6380
+REAL_MEMCACHED_PORT = 11212
+TARGETS = ("vnic", "linux", "real")
+
+
+class BenchError(RuntimeError):
+    """A server that would not start or a client that failed: the run is not valid."""
+
+
+def kernelctl(tag: str, *args: str, env: dict[str, str] | None = None, check: bool = True) -> None:
+    subprocess.run([sys.executable, "-m", "kernelctl.cli", "--instance", tag, *args],
+                   cwd=REPO, check=check, env=env)
+
+
+def pin_device_host(topo: Topology) -> None:
+    found = subprocess.run(["pgrep", "-f", f"vdev.vnic.host --tap {topo.tap} "], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        os.sched_setaffinity(int(pid), {CLIENT_CPU})
+
+
+def _pin_app() -> None:
+    os.sched_setaffinity(0, {APP_CPU})
+
+
+def client(topo: Topology, *argv: str) -> list[str]:
+    """A client command line: in the client namespace, pinned to the client CPU."""
+    return ["ip", "netns", "exec", topo.client_netns, "taskset", "-c", str(CLIENT_CPU), *argv]
+
+
+def _stop(process: subprocess.Popen[Any]) -> str:
+    process.terminate()
+    try:
+        out, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    return out if isinstance(out, str) else ""
+
+
+@contextlib.contextmanager
+def our_server(module: str, backend: str, topo: Topology, port: int, profile: Path | None) -> Iterator[None]:
+    argv = [sys.executable, "-u"]
+    if profile is not None:
+        argv += ["-m", "cProfile", "-o", str(profile)]
+    argv += ["-m", module, "--backend", backend, "--instance", topo.tag, "--port", str(port)]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_pin_app)
+    try:
+        line = process.stdout.readline() if process.stdout is not None else ""
+        if "ready" not in line:
+            raise BenchError(f"{module} on {backend} did not start: {line}{_stop(process)}")
+        yield
+    finally:
+        if process.poll() is None:
+            out = _stop(process)
+            if process.returncode != 0:
+                print(f"  warning: {module} on {backend} exited {process.returncode}: {out[-2000:]}", flush=True)
+
+
+@contextlib.contextmanager
+def real_server(argv: list[str], topo: Topology, probe: list[str], workdir: Path) -> Iterator[None]:
+    """A real server in the baseline namespace, pinned like ours; ready when ``probe`` works."""
+    process = subprocess.Popen(["ip", "netns", "exec", topo.linux_netns, *argv], cwd=workdir,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pin_app)
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run(probe, capture_output=True).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{argv[0]} did not start")
+            time.sleep(0.1)
+        yield
+    finally:
+        _stop(process)
+
+
+def parse_redis_benchmark_csv(text: str) -> dict[str, dict[str, float]]:
+    """Rows of ``redis-benchmark --csv`` (Redis 7: rps, then latencies in ms) by test name."""
+    rows = [row for row in csv.reader(StringIO(text)) if row]
+    if not rows or rows[0][:2] != ["test", "rps"]:
+        raise BenchError(f"unexpected redis-benchmark output: {text[-500:]!r}")
+    header = rows[0]
+    out: dict[str, dict[str, float]] = {}
+    for row in rows[1:]:
+        fields = dict(zip(header, row))
+        out[fields["test"]] = {
+            "rps": float(fields["rps"]),
+            "p50_us": float(fields["p50_latency_ms"]) * 1000,
+            "p99_us": float(fields["p99_latency_ms"]) * 1000,
+        }
+    return out
+
+
+def redis_benchmark(topo: Topology, host: str, port: int, test: str, clients: int, requests: int) -> dict[str, float]:
+    done = subprocess.run(
+        client(topo, "redis-benchmark", "-h", host, "-p", str(port), "-t", test, "-n", str(requests),
+               "-c", str(clients), "-P", "1", "--csv"),
+        capture_output=True, text=True, timeout=900,
+    )
+    if done.returncode != 0 or "rror" in done.stderr:
+        raise BenchError(f"redis-benchmark against {host}:{port} failed: {done.stdout[-500:]}{done.stderr[-500:]}")
+    rows = parse_redis_benchmark_csv(done.stdout)
+    if test.upper() not in rows:
+        raise BenchError(f"redis-benchmark gave no {test.upper()} row: {done.stdout[-500:]}")
+    return rows[test.upper()]
+
+
+def memcaslap(topo: Topology, host: str, port: int, seconds: float, udp: bool) -> dict[str, float]:
+    argv = client(topo, "memcaslap", "-s", f"{host}:{port}", "-t", f"{int(seconds)}s", "-c", "16")
+    if udp:
+        argv.append("-U")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    output = done.stdout + done.stderr
+    counters = {name: int(value) for name, value in re.findall(r"^(\w+): (\d+)$", output, re.MULTILINE)}
+    tps = re.search(r"TPS: (\d+)", output)
+    if done.returncode != 0 or tps is None:
+        raise BenchError(f"memcaslap against {host}:{port} failed ({done.returncode}): {output[-1000:]}")
+    errors = sum(counters.get(name, 0) for name in ("get_misses", "packet_disorder", "packet_drop", "udp_timeout"))
+    return {"tps": float(tps.group(1)), "ops": counters.get("cmd_get", 0) + counters.get("cmd_set", 0),
+            "misses_drops_timeouts": errors}
+
+
+def _redis_probe(topo: Topology, host: str, port: int) -> list[str]:
+    return ["ip", "netns", "exec", topo.client_netns, "redis-cli", "-h", host, "-p", str(port), "PING"]
+
+
+def _memcached_probe(topo: Topology, host: str, port: int) -> list[str]:
+    return ["ip", "netns", "exec", topo.client_netns, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"]
+
+
+def run_redis(topo: Topology, args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    addresses = {"vnic": topo.vnic_ip, "linux": topo.linux_ip, "real": topo.linux_ip}
+    for target in TARGETS:
+        port = REAL_REDIS_PORT if target == "real" else KV_PORT
+        if target == "real":
+            server = real_server(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                                  "--protected-mode", "no", "--dir", str(workdir)],
+                                 topo, _redis_probe(topo, addresses[target], port), workdir)
+        else:
+            server = our_server("libos.apps.kv", target, topo, port, None)
+        with server:
+            for clients in args.clients:
+                for test in ("set", "get"):  # SET first, so the GETs find the key
+                    row = redis_benchmark(topo, addresses[target], port, test, clients, args.requests)
+                    results["redis"].setdefault(f"{test.upper()} c={clients}", {})[target] = row
+                    print(f"  redis {target:5s} {test.upper():3s} c={clients:<3d} {row['rps']:9.0f} req/s "
+                          f"p50 {row['p50_us']:8.0f} us p99 {row['p99_us']:8.0f} us", flush=True)
+
+
+def run_memcache(topo: Topology, args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    addresses = {"vnic": topo.vnic_ip, "linux": topo.linux_ip, "real": topo.linux_ip}
+    for target in TARGETS:
+        port = REAL_MEMCACHED_PORT if target == "real" else MC_PORT
+        if target == "real":
+            server = real_server(["memcached", "-u", "nobody", "-t", "1", "-l", addresses[target], "-p", str(port),
+                                  "-U", str(port)], topo, _memcached_probe(topo, addresses[target], port), workdir)
+        else:
+            server = our_server("libos.apps.memcache", target, topo, port, None)
+        with server:
+            for udp in (False, True):
+                row = memcaslap(topo, addresses[target], port, args.seconds, udp)
+                name = "memcaslap UDP" if udp else "memcaslap TCP"
+                results["memcache"].setdefault(name, {})[target] = row
+                print(f"  memcache {target:5s} {name}: {row['tps']:9.0f} ops/s "
+                      f"(misses/drops/timeouts {row['misses_drops_timeouts']:.0f})", flush=True)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(value: float | None, width: int = 10, digits: int = 0) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    print(f"\nkey-value servers ({os.cpu_count()} CPUs; servers on CPU {APP_CPU}, clients and device host on "
+          f"CPU {CLIENT_CPU}); latencies in microseconds")
+    print(f"{'':26s}{'vnic':>10s}{'linux':>10s}{'real':>10s}{'vnic/linux':>12s}{'vnic/real':>11s}")
+    for name, by_target in results["redis"].items():
+        for metric, label in (("rps", "req/s"), ("p50_us", "p50"), ("p99_us", "p99")):
+            values = [by_target.get(target, {}).get(metric) for target in TARGETS]
+            print(f"{'redis ' + name + ' ' + label:26s}" + "".join(_fmt(v) for v in values)
+                  + _fmt(ratio(values[0], values[1]), 12, 2) + _fmt(ratio(values[0], values[2]), 11, 2))
+    for name, by_target in results["memcache"].items():
+        values = [by_target.get(target, {}).get("tps") for target in TARGETS]
+        print(f"{name + ' ops/s':26s}" + "".join(_fmt(v) for v in values)
+              + _fmt(ratio(values[0], values[1]), 12, 2) + _fmt(ratio(values[0], values[2]), 11, 2))
+
+
+def top_functions(path: Path, limit: int = 15) -> str:
+    out = StringIO()
+    pstats.Stats(str(path), stream=out).strip_dirs().sort_stats("tottime").print_stats(limit)
+    text = out.getvalue()
+    start = text.find("   ncalls")
+    return text[start:] if start >= 0 else text
+
+
+def run_profile(topo: Topology, args: argparse.Namespace, profile_dir: Path, results: dict[str, Any]) -> None:
+    """GET, 50 clients, against the VNIC server with it and the device host under cProfile."""
+    with our_server("libos.apps.kv", "vnic", topo, KV_PORT, profile_dir / "kv-vnic.prof"):
+        subprocess.run(client(topo, "redis-cli", "-h", topo.vnic_ip, "-p", str(KV_PORT), "SET", "key:__rand_int__",
+                              "x" * 3), capture_output=True, check=True, timeout=30)
+        row = redis_benchmark(topo, topo.vnic_ip, KV_PORT, "get", 50, args.requests)
+        results["profiled_get"] = row
+        print(f"  profiled GET c=50: {row['rps']:.0f} req/s (under cProfile: slower than a plain run)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/bench kv", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--requests", type=int, default=20000, help="redis-benchmark requests per test")
+    parser.add_argument("--clients", type=lambda text: [int(c) for c in text.split(",")], default=[1, 50],
+                        help="redis-benchmark client counts, comma-separated (default 1,50)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each memcaslap run")
+    parser.add_argument("--tag", default="benchk", help="topology instance to build for the run")
+    parser.add_argument("--profile", action="store_true",
+                        help="only a GET run against the vnic server, profiling it and the device host")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (it builds its own topology)", file=sys.stderr)
+        return 1
+    missing = [tool for tool in ("redis-benchmark", "redis-cli", "redis-server", "memcaslap", "memcached", "taskset")
+               if shutil.which(tool) is None]
+    if missing:
+        print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    topo = topology(args.tag)
+    workdir = Path(tempfile.mkdtemp(prefix="arx-bench-kv-"))
+    profile_dir = workdir / "profiles" if args.profile else None
+    env = dict(os.environ)
+    if profile_dir is not None:
+        profile_dir.mkdir()
+        env["ARRAKIS_PROFILE_DIR"] = str(profile_dir)
+    results: dict[str, Any] = {
+        "benchmark": "kv",
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "pinning": {"servers": APP_CPU, "clients": CLIENT_CPU, "device_host": CLIENT_CPU},
+        "redis_benchmark": {"requests": args.requests, "pipeline": 1},
+        "memcaslap": {"seconds": args.seconds, "concurrency": 16},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "redis": {},
+        "memcache": {},
+    }
+    kernelctl(args.tag, "up", env=env)
+    try:
+        pin_device_host(topo)
+        if profile_dir is not None:
+            run_profile(topo, args, profile_dir, results)
+        else:
+            run_redis(topo, args, workdir, results)
+            run_memcache(topo, args, workdir, results)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        kernelctl(args.tag, "down", "--purge", env=env, check=False)  # its images are throwaway
+    if profile_dir is not None:
+        profiles = {}
+        for path in sorted(profile_dir.glob("*.prof")):
+            profiles[path.stem] = top_functions(path)
+            print(f"\nprofile {path.stem} (top functions by own time)\n{profiles[path.stem]}")
+        results["profiles"] = profiles
+    else:
+        for section in ("redis", "memcache"):
+            for by_target in results[section].values():
+                key = "rps" if section == "redis" else "tps"
+                by_target["vnic_over_linux"] = ratio(by_target["vnic"][key], by_target["linux"][key])
+                by_target["vnic_over_real"] = ratio(by_target["vnic"][key], by_target["real"][key])
+        print_tables(results)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
