@@ -284,6 +284,8 @@ def _quit(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) 
 
 
 def _lookup(engine: KvEngine, key: bytes, now: float) -> bytes | None:
+    """A read lookup, counted in keyspace_hits/misses (Redis counts every read-side
+    lookup: GET, MGET, EXISTS, TTL, PTTL, TYPE, SET ... GET)."""
     value = engine.keyspace.get(key, now)
     if value is None:
         engine.stats.keyspace_misses += 1
@@ -340,7 +342,7 @@ def _set(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) -
         if deadline is None:
             return _invalid_expire("set"), None
     keyspace = engine.keyspace
-    old = keyspace.get(key, now)
+    old = _lookup(engine, key, now) if want_old else keyspace.get(key, now)
     reply = resp.bulk_or_null(old) if want_old else resp.OK
     if (nx and old is not None) or (xx and old is None):
         return (reply if want_old else resp.NULL_BULK), None
@@ -370,7 +372,7 @@ def _del(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) -
 
 
 def _exists(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) -> Result:
-    return resp.integer(sum(1 for key in argv[1:] if engine.keyspace.exists(key, now))), None
+    return resp.integer(sum(1 for key in argv[1:] if _lookup(engine, key, now) is not None)), None
 
 
 def _incr_by(engine: KvEngine, argv: list[bytes], now: float, delta: int) -> Result:
@@ -459,7 +461,7 @@ def _make_expire(name: str, unit_ms: int, relative: bool) -> Handler:
 
 def _ttl_common(engine: KvEngine, key: bytes, now: float, divisor: int) -> bytes:
     keyspace = engine.keyspace
-    if not keyspace.exists(key, now):
+    if _lookup(engine, key, now) is None:
         return resp.integer(-2)
     deadline = keyspace.deadline(key, now)
     if deadline is None:
@@ -483,7 +485,7 @@ def _persist(engine: KvEngine, argv: list[bytes], now: float, client: ClientStat
 
 
 def _type(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) -> Result:
-    return resp.simple(b"string" if engine.keyspace.exists(argv[1], now) else b"none"), None
+    return resp.simple(b"string" if _lookup(engine, argv[1], now) is not None else b"none"), None
 
 
 def _dbsize(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) -> Result:
