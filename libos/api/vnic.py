@@ -18,6 +18,7 @@ holds at most 64 claims.
 from __future__ import annotations
 
 import random
+import os
 import socket
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from libos.net.stack import NetStack
 from libos.net.tcp import EPHEMERAL_PORTS, TcpConfig
 from vdev.wire.ipv4 import PROTO_TCP
 
+YIELD_AFTER = 0.001  # seconds of idle polling between two sched_yield calls
 DEFAULT_POLL_WINDOW = 0.02  # seconds of polling after the last work before sleeping
 MAX_SLEEP = 0.05  # bounded so a lost wakeup costs latency, never progress
 # Frames that found the TX ring full wait for the next turn of the loop, up to this many;
@@ -72,6 +74,7 @@ class VnicLibOS(PollingRuntime):
         self._ports: dict[int, int] = {}  # qd -> bound local port
         self._qd_by_port: dict[int, int] = {}
         self._last_work = time.monotonic()
+        self._last_yield = 0.0
         self.streams: VnicStreams | None = None
         self._tcp_claims: set[int] = set()  # TCP ports this function holds
         self._ephemeral: list[int] = []  # claimed for connect(), reusable
@@ -357,8 +360,17 @@ class VnicLibOS(PollingRuntime):
         if driver is None:
             time.sleep(min(timeout, MAX_SLEEP))
             return
-        if now - self._last_work < self.poll_window:
-            return  # keep polling: work is likely to come back soon
+        idle = now - self._last_work
+        if idle < self.poll_window:
+            # Keep polling: work is likely to come back soon. But a poller that never lets
+            # go of its CPU starves whatever shares it (on a small machine, the client or the
+            # device host), for a whole scheduler slice. So once idle for YIELD_AFTER, give
+            # the CPU away at most once per YIELD_AFTER: a system call only while there is
+            # nothing to do, never on the way of a request that is being served.
+            if idle >= YIELD_AFTER and now - self._last_yield >= YIELD_AFTER:
+                self._last_yield = now
+                os.sched_yield()
+            return
         limit = min(timeout, MAX_SLEEP)
         stack = self.stack
         if stack is not None:
