@@ -30,6 +30,13 @@ from vdev import mgmt
 from vdev.vfio_user.server import VfioUserServerConnection
 
 MAX_SLEEP = 0.05  # a lost wakeup (see vdev.ring) costs at most this much latency
+# While busy, the loop polls flat out only for TIGHT_POLL after the last work (an application
+# answers within that, typically); after that, until the spin window closes, it looks at the
+# rings every RELAXED_POLL and gives the CPU away in between. Hardware polls for free; this
+# host's polling competes for CPUs with the applications and clients it serves, and on a
+# small machine a poller that never lets go adds whole scheduler slices to their latency.
+TIGHT_POLL = 0.001
+RELAXED_POLL = 0.0001
 MAX_FUNCTIONS = 64
 
 
@@ -79,6 +86,7 @@ class DeviceHostBase:
         self._wire_fds: dict[int, int] = {}
         self._conns: dict[int, tuple[VfioUserServerConnection, int]] = {}
         self._busy_until = 0.0
+        self._last_work = 0.0
         self.mgmt.setblocking(False)
         self.epoll.register(self.mgmt.fileno(), select.EPOLLIN)
 
@@ -112,11 +120,15 @@ class DeviceHostBase:
         poll = self.epoll.poll
         monotonic = time.monotonic
         wire_fds = self._wire_fds
+        epoll_fd = [self.epoll.fileno()]
         while self.running:
             now = monotonic()
             busy = now < self._busy_until
             if busy:
                 timeout = 0.0
+                if now - self._last_work > TIGHT_POLL:
+                    # Relaxed polling: a short sleep that any frame, doorbell or message ends.
+                    select.select(epoll_fd, (), (), RELAXED_POLL)
             else:
                 timeout = MAX_SLEEP
                 deadline = self._deadline()
@@ -145,16 +157,13 @@ class DeviceHostBase:
             if work:
                 # From the end of the work, not its start: a long flush must not send the
                 # host to sleep the moment it finishes.
-                self._busy_until = monotonic() + self.spin
-            elif busy:
-                # Polling, but nothing came: let a runnable process have the CPU first. On a
-                # machine with fewer cores than pollers, the one we wait for (the
-                # application, the client) may be queued behind us.
-                os.sched_yield()
+                self._last_work = monotonic()
+                self._busy_until = self._last_work + self.spin
 
     def wake(self, function: object) -> None:
         # A doorbell: the driver posted work while we slept. Stay awake to poll its rings.
-        self._busy_until = time.monotonic() + self.spin
+        self._last_work = time.monotonic()
+        self._busy_until = self._last_work + self.spin
 
     # ---- vfio-user sessions ----------------------------------------------------------------
 

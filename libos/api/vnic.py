@@ -34,7 +34,7 @@ from libos.net.stack import NetStack
 from libos.net.tcp import EPHEMERAL_PORTS, TcpConfig
 from vdev.wire.ipv4 import PROTO_TCP
 
-YIELD_AFTER = 0.001  # seconds of idle polling between two sched_yield calls
+YIELD_AFTER = 0.005  # seconds of idle polling between two sched_yield calls
 DEFAULT_POLL_WINDOW = 0.02  # seconds of polling after the last work before sleeping
 MAX_SLEEP = 0.05  # bounded so a lost wakeup costs latency, never progress
 # Frames that found the TX ring full wait for the next turn of the loop, up to this many;
