@@ -328,8 +328,12 @@ def test_retransmission_backoff_then_abort() -> None:
     assert wire.run(start + 200.0, lambda now: client.state == TcpState.CLOSED)
     assert client.close_reason == "timeout"
     gaps = [round(t2 - t1, 3) for t1, t2 in zip(sent_times, sent_times[1:])]
-    # RFC 6298: the first RTO is at least 1 s, then doubles on each expiry (5.5).
-    assert gaps == [1.0, 2.0, 4.0, 8.0]
+    # With SACK negotiated, a tail loss probe goes first (RFC 8985 7.2), and only once:
+    # two smoothed RTTs (5 ms of wire delay each way) plus 200 ms for a delayed ACK, as
+    # a single segment is out. Then RFC 6298: the RTO, re-armed by the probe, is at
+    # least 1 s and doubles on each expiry (5.5).
+    assert gaps == [0.22, 1.0, 2.0, 4.0, 8.0]
+    assert a.counters.tail_loss_probes == 1
     assert a.counters.conn_aborted_timeout == 1
     assert (client, Closed("timeout")) in a.pop_events()
 

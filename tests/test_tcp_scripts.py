@@ -192,7 +192,8 @@ def test_active_open() -> None:
     script = Script()
     conn = script.layer.connect(LOCAL, REMOTE, 80, 0.0, local_port=REMOTE_PORT)
     (syn,) = script.output()
-    assert _flag_text(syn.flags) == "S" and syn.options == TcpOptions(mss=1460, window_scale=0)
+    assert _flag_text(syn.flags) == "S"
+    assert syn.options == TcpOptions(mss=1460, window_scale=0, sack_permitted=True)
     iss = syn.seq
     # Wrong ACK: RST at that sequence number, connection stays (RFC 9293 3.10.7.3).
     segment = TcpSegment(80, REMOTE_PORT, PEER_ISN, iss + 7, SYN | ACK, 65535)

@@ -90,7 +90,7 @@ def test_parse_and_emit_match_scapy(fields: dict[str, Any], expected: TcpSegment
 def test_options_that_we_skip_or_stop_at() -> None:
     wire = scapy_segment(sport=1, dport=2, flags="S",
                          options=[("SAck", (1, 2)), ("MSS", 1000), ("EOL", None)])
-    assert TcpSegment.parse(wire, SRC, DST).options == TcpOptions(mss=1000)
+    assert TcpSegment.parse(wire, SRC, DST).options == TcpOptions(mss=1000, sack_blocks=((1, 2),))
     # Everything after EOL is padding and ignored, even what looks like an option.
     after_eol = _with_options(bytes([0, 2, 4, 5, 0xB4, 1, 1, 1]))
     assert TcpSegment.parse(after_eol, SRC, DST).options == NO_OPTIONS
@@ -138,6 +138,11 @@ BASE = TcpSegment(1000, 2000, 1, 0, ACK, 100, b"data").emit(SRC, DST)
         pytest.param(_with_options(bytes([3, 4, 7, 0])), SanityError, id="wscale-length-4"),
         pytest.param(_with_options(bytes([4, 3, 0, 0])), SanityError, id="sackok-length-3"),
         pytest.param(_with_options(bytes([8, 6, 0, 0, 0, 0, 0, 0])), SanityError, id="ts-length-6"),
+        pytest.param(_with_options(bytes([5, 2, 1, 1])), SanityError, id="sack-no-blocks"),
+        pytest.param(_with_options(bytes([5, 6, 0, 0, 0, 1, 1, 1])), SanityError, id="sack-half-block"),
+        pytest.param(_with_options(bytes([5, 11]) + bytes(10)), SanityError, id="sack-length-11"),
+        pytest.param(_with_options(bytes([5, 10]) + bytes(6)), SanityError, id="sack-overruns"),
+        pytest.param(_with_options(bytes([5, 42]) + bytes(38)), SanityError, id="sack-five-blocks"),
     ],
 )
 def test_bad_segments_raise_the_right_error(segment: bytes, error: type[WireError]) -> None:
@@ -200,6 +205,29 @@ def test_emit_then_parse_round_trips(segment: TcpSegment) -> None:
     assert (parsed.flags, parsed.window, parsed.urgent) == (segment.flags, segment.window, segment.urgent)
     assert parsed.options == segment.options
     assert bytes(parsed.payload) == segment.payload
+
+
+def test_sack_blocks_golden_and_bounded() -> None:
+    blocks = ((0xFFFFFF00, 0x100), (5000, 6460), (7000, 8000), (1, 2))
+    wire = scapy_segment(sport=80, dport=40000, seq=9, ack=5000, flags="A", window=300,
+                         options=[("NOP", None), ("NOP", None), ("SAck", tuple(x for b in blocks for x in b))])
+    parsed = TcpSegment.parse(wire, SRC, DST)
+    assert parsed.options == TcpOptions(sack_blocks=blocks)
+    assert TcpSegment(80, 40000, 9, 5000, ACK, 300, b"", TcpOptions(sack_blocks=blocks)).emit(SRC, DST) == wire
+    with pytest.raises(ValueError):
+        TcpOptions(sack_blocks=blocks + ((3, 4),)).encode()
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF)), min_size=1, max_size=4),
+    st.binary(max_size=32),
+)
+@settings(max_examples=200, deadline=None)
+def test_sack_blocks_round_trip(blocks: list[tuple[int, int]], payload: bytes) -> None:
+    segment = TcpSegment(1, 2, 3, 4, ACK, 5, payload, TcpOptions(sack_blocks=tuple(blocks)))
+    parsed = TcpSegment.parse(segment.emit(SRC, DST), SRC, DST)
+    assert parsed.options.sack_blocks == tuple(blocks)
+    assert bytes(parsed.payload) == payload
 
 
 @given(st.binary(max_size=120))

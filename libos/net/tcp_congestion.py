@@ -3,6 +3,11 @@ retransmit) with the fast-recovery modification of RFC 6582.
 
 The connection owns sequence numbers and transmission; this class only keeps cwnd,
 ssthresh and the recovery point, and tells the connection when to retransmit.
+
+With SACK (``sack`` set once the handshake negotiated it) loss recovery follows RFC 6675
+instead: the connection decides when to enter it (``enter_sack_recovery``) and what to
+send by its scoreboard's pipe estimate, so cwnd is neither inflated by duplicate ACKs nor
+deflated by partial ones; it stays at ssthresh until the recovery point is acknowledged.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ def initial_window(mss: int) -> int:
 
 
 class NewReno:
-    __slots__ = ("mss", "cwnd", "ssthresh", "in_recovery", "recover", "dupacks", "_ca_bytes")
+    __slots__ = (
+        "mss", "cwnd", "ssthresh", "in_recovery", "recover", "dupacks", "sack", "_ca_bytes"
+    )
 
     def __init__(self, mss: int, iss: int) -> None:
         self.mss = mss
@@ -31,6 +38,7 @@ class NewReno:
         # RFC 6582 3.2 step 1: recover starts at the initial send sequence number.
         self.recover = iss
         self.dupacks = 0
+        self.sack = False
         self._ca_bytes = 0
 
     def set_mss(self, mss: int) -> None:
@@ -42,6 +50,13 @@ class NewReno:
         which the connection retransmits the next unacknowledged segment (RFC 6582 3.2
         step 5)."""
         self.dupacks = 0
+        if self.in_recovery and self.sack:
+            # RFC 6675: recovery ends when the recovery point is acknowledged; until then
+            # the pipe estimate, not cwnd arithmetic, paces what is sent.
+            if seq_gt(ack, self.recover):
+                self.in_recovery = False
+                self.cwnd = self.ssthresh
+            return False
         if self.in_recovery:
             if seq_gt(ack, self.recover):
                 # Full acknowledgment (RFC 6582 3.2 step 3): deflate the window.
@@ -70,6 +85,8 @@ class NewReno:
         """A duplicate ACK (RFC 5681 section 2). Returns True when the connection must
         fast-retransmit the first unacknowledged segment."""
         self.dupacks += 1
+        if self.in_recovery and self.sack:
+            return False
         if self.in_recovery:
             self.cwnd += self.mss  # RFC 6582 3.2 step 4: inflate for the segment that left
             return False
@@ -84,6 +101,16 @@ class NewReno:
         self.in_recovery = True
         self.cwnd = self.ssthresh + DUPACK_THRESHOLD * self.mss
         return True
+
+    def enter_sack_recovery(self, flight: int, snd_max: int) -> None:
+        """RFC 6675 section 5 step 4: RecoveryPoint = HighData, cwnd = ssthresh = half
+        the flight (RFC 5681 equation (4))."""
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.ssthresh
+        self.recover = (snd_max - 1) & 0xFFFFFFFF
+        self.in_recovery = True
+        self.dupacks = 0
+        self._ca_bytes = 0
 
     def on_timeout(self, flight: int, snd_max: int) -> None:
         """Retransmission timeout (RFC 5681 3.1 equation (4), loss window of one SMSS)."""

@@ -4,10 +4,15 @@ The connection never touches a socket or a clock: ``TcpLayer`` hands it parsed s
 with the time they arrived, calls ``on_timer(now)`` at ``next_deadline()``, and carries
 the segments it emits to the IP layer. Events go to the layer's event queue.
 
-Timers kept here: retransmission (RFC 6298), delayed ACK (RFC 1122 4.2.3.2), persist
-(zero-window probing, RFC 9293 3.8.6.1) and TIME-WAIT (2*MSL, RFC 9293 3.4.2).
+Timers kept here: retransmission (RFC 6298), tail loss probe (RFC 8985 section 7, with
+SACK), delayed ACK (RFC 1122 4.2.3.2), persist (zero-window probing, RFC 9293 3.8.6.1) and
+TIME-WAIT (2*MSL, RFC 9293 3.4.2).
 
-Not implemented: Nagle's algorithm (small writes go out at once), SACK, timestamps,
+Selective acknowledgments (RFC 2018) are offered and used when the peer offers them too:
+the receiver reports its out-of-order blocks, the sender keeps a scoreboard and recovers
+losses by RFC 6675 (``tcp_sack``); without them NewReno (RFC 6582) does.
+
+Not implemented: Nagle's algorithm (small writes go out at once), D-SACK, timestamps,
 urgent data (URG is ignored and its bytes are delivered in line), ECN, reuse of a
 TIME-WAIT 4-tuple by a new SYN (RFC 6191: such a SYN gets a challenge ACK).
 """
@@ -19,6 +24,7 @@ from typing import Final, Protocol
 from libos.net.tcp_congestion import NewReno
 from libos.net.tcp_reassembly import Reassembler
 from libos.net.tcp_rto import RtoEstimator
+from libos.net.tcp_sack import DUPTHRESH, SackScoreboard
 from libos.net.tcp_seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, seq_lt
 from libos.net.tcp_types import (
     SYNCHRONIZED_STATES,
@@ -32,7 +38,18 @@ from libos.net.tcp_types import (
     TcpEvent,
     TcpState,
 )
-from vdev.wire.tcp import ACK, FIN, MAX_WINDOW_SCALE, PSH, RST, SYN, TcpOptions, TcpSegment
+from vdev.wire.tcp import (
+    ACK,
+    FIN,
+    MAX_SACK_BLOCKS,
+    MAX_WINDOW_SCALE,
+    NO_OPTIONS,
+    PSH,
+    RST,
+    SYN,
+    TcpOptions,
+    TcpSegment,
+)
 
 # RFC 9293 3.7.1: without an MSS option the peer accepts 536-byte segments.
 DEFAULT_PEER_MSS: Final = 536
@@ -78,6 +95,18 @@ def _window_shift(buffer_size: int) -> int:
     while (buffer_size >> shift) > 0xFFFF and shift < MAX_WINDOW_SCALE:
         shift += 1
     return shift
+
+
+_MAX_RXT_MARKS: Final = 256
+# RFC 8985 7.2 suggests no floor; ours keeps a probe from racing a scheduling hiccup.
+MIN_PROBE_TIMEOUT: Final = 0.010
+WORST_CASE_DELAYED_ACK: Final = 0.200
+
+
+def _options_length(options: TcpOptions) -> int:
+    """Header bytes the options of a data or ACK segment take (only SACK is sent there)."""
+    blocks = len(options.sack_blocks)
+    return 4 + 8 * blocks if blocks else 0
 
 
 class TcpConnection:
@@ -143,6 +172,8 @@ class TcpConnection:
         self._syn_lost = False
         self._syn_acked = False
         self._rto_deadline: float | None = None
+        self._pto_deadline: float | None = None
+        self._tlp_sent = False
         self._delack_deadline: float | None = None
         self._persist_deadline: float | None = None
         self._persist_interval = 0.0
@@ -154,6 +185,17 @@ class TcpConnection:
         self._connected_posted = False
         self._closed_posted = False
         self._last_oow_ack = float("-inf")
+        # SACK (RFC 2018): negotiated in the handshake. As receiver: the sequence numbers
+        # of the latest out-of-order arrivals, newest first (section 4 wants the block of
+        # the latest one first). As sender: the scoreboard and HighRxt of RFC 6675.
+        self._sack_ok = False
+        self._sack_recent: list[int] = []
+        self._scoreboard = SackScoreboard()
+        self._high_rxt = iss
+        # Retransmissions of this recovery: sequence number -> SND.MAX when it was sent.
+        # Data sent after a retransmission and SACKed before it means the retransmission
+        # itself was lost (the idea of RACK, RFC 8985, for the head of the queue).
+        self._rxt_marks: dict[int, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -235,15 +277,16 @@ class TcpConnection:
         if self.state == TcpState.SYN_RECEIVED or (
             self.state in SYNCHRONIZED_STATES and self.state != TcpState.TIME_WAIT
         ):
-            # SND.MAX, not a rewound SND.NXT: the peer may hold bytes up to SND.MAX, and
-            # an RST below its RCV.NXT would be ignored (RFC 5961 3.2).
-            self._send_rst(self.snd_max)
+            # Not a rewound SND.NXT: the peer may hold bytes up to SND.MAX, and an RST
+            # below its RCV.NXT would be ignored (RFC 5961 3.2); nor past its window.
+            self._send_rst(self._control_seq())
         self._terminate("aborted", now)
 
     def next_deadline(self) -> float | None:
         deadline: float | None = None
         for candidate in (
             self._rto_deadline,
+            self._pto_deadline,
             self._delack_deadline,
             self._persist_deadline,
             self._timewait_deadline,
@@ -275,6 +318,8 @@ class TcpConnection:
         peer_mss = DEFAULT_PEER_MSS if options.mss is None else options.mss
         self.snd_mss = max(min(peer_mss, self._config.mss), MIN_PEER_MSS)
         self.congestion.set_mss(self.snd_mss)
+        self._sack_ok = self._config.sack and options.sack_permitted
+        self.congestion.sack = self._sack_ok
         if options.window_scale is None:
             # RFC 7323 1.3: scaling only when both SYNs carry the option.
             self._scaling = False
@@ -289,7 +334,9 @@ class TcpConnection:
         # A SYN always offers scaling; a SYN-ACK only answers an offer (RFC 7323 1.3).
         offer_scale = not with_ack or self._scaling
         options = TcpOptions(
-            mss=self._config.mss, window_scale=self._rcv_shift if offer_scale else None
+            mss=self._config.mss,
+            window_scale=self._rcv_shift if offer_scale else None,
+            sack_permitted=self._config.sack and (not with_ack or self._sack_ok),
         )
         segment = TcpSegment(
             self.local_port,
@@ -395,10 +442,16 @@ class TcpConnection:
                 if state == TcpState.TIME_WAIT and flags & FIN:
                     # A repeated FIN: our last ACK was lost; restart 2*MSL (RFC 9293 3.10.7.4).
                     self._timewait_deadline = now + 2 * self._config.msl
-                # RFC 9293 says to ACK; like Linux (tcp_invalid_ratelimit) we do so at
-                # most once per interval, so that no exchange of unacceptable segments
-                # can turn into an ACK storm.
-                if now - self._last_oow_ack >= self._config.out_of_window_ack_interval:
+                # RFC 9293 3.10.7.4: answer an unacceptable segment with an ACK. A
+                # segment with data gets it at once: it is an old duplicate (a spurious
+                # or go-back-N retransmission, a duplicate from the wire), and only our
+                # ACK stops the sender from retransmitting it again on a backed-off
+                # timer. Segments without data are answered at most once per interval,
+                # so that no exchange of unacceptable ACKs can become an ACK storm;
+                # Linux draws the same line (tcp_oow_rate_limited).
+                if seg.payload or flags & FIN:
+                    self._ack_now = True
+                elif now - self._last_oow_ack >= self._config.out_of_window_ack_interval:
                     self._last_oow_ack = now
                     self._ack_now = True
             return
@@ -465,14 +518,21 @@ class TcpConnection:
                 self._ack_now = True
 
     def _acceptable(self, seg: TcpSegment, window: int) -> bool:
-        """The four cases of RFC 9293 3.10.7.4 (first check)."""
+        """The four cases of RFC 9293 3.10.7.4 (first check), with two allowances."""
         length = seg.seg_len
-        if length == 0:
-            if window == 0:
-                return seg.seq == self.rcv_nxt
-            return seq_in_window(seg.seq, self.rcv_nxt, window)
         if window == 0:
-            return False
+            # "If the RCV.WND is zero, no segments will be acceptable, but special
+            # allowance should be made to accept valid ACKs, URGs, and RSTs": a segment
+            # at RCV.NXT is taken for its control fields, and ``_trim`` cuts its text.
+            # Without this, a peer sending data while our application does not read
+            # could never get its ACKs through to us.
+            return seg.seq == self.rcv_nxt
+        if length == 0:
+            # Up to RCV.NXT+RCV.WND inclusive: a sender that has filled our window sends
+            # its ACKs at SND.NXT, which is then exactly our right edge (Linux does so,
+            # tcp_acceptable_seq, and accepts the same itself, tcp_sequence). Refusing
+            # them would leave that sender's view of our data unacknowledged.
+            return seq_in_window(seg.seq, self.rcv_nxt, window + 1)
         last = seq_add(seg.seq, length - 1)
         return seq_in_window(seg.seq, self.rcv_nxt, window) or seq_in_window(
             last, self.rcv_nxt, window
@@ -497,6 +557,7 @@ class TcpConnection:
         if excess > 0:
             seg.payload = seg.payload[: len(seg.payload) - excess]
             seg.flags &= ~FIN  # the FIN lies past the window
+            self._ack_now = True  # tell the sender where our window really ends
 
     def _process_ack(self, seg: TcpSegment, now: float) -> bool:
         """ACK processing of RFC 9293 3.10.7.4 with the RFC 5961 5.2 check.
@@ -521,10 +582,15 @@ class TcpConnection:
             return False
         scaled_window = seg.window << self._snd_shift
         self._persist_probes = 0
-        if seq_gt(ack, self.snd_una):
+        advanced = seq_gt(ack, self.snd_una)
+        if advanced:
             self._ack_advanced(ack, now)
-        elif (
-            ack == self.snd_una
+        if self._sack_ok:
+            self._scoreboard.update(seg.options.sack_blocks, self.snd_una, self.snd_max)
+        if (
+            not advanced
+            and ack == self.snd_una
+            and not self._scoreboard
             and not seg.payload
             and not seg.flags & (SYN | FIN)
             and scaled_window == self.snd_wnd
@@ -546,9 +612,65 @@ class TcpConnection:
             self._snd_wl2 = ack
             if scaled_window:
                 self._persist_deadline = None
+        if self._scoreboard and self.state in _OUTPUT_STATES:
+            self._sack_recovery(now)
         if self._fin_seq is not None and seq_gt(self.snd_una, self._fin_seq):
             self._our_fin_acked(now)
         return True
+
+    def _sack_recovery(self, now: float) -> None:
+        """Loss recovery by the scoreboard (RFC 6675 section 5), after each ACK."""
+        congestion = self.congestion
+        board = self._scoreboard
+        mss = self.snd_mss
+        if not congestion.in_recovery:
+            # Enter when SND.UNA counts as lost (three SACKed segments above it: the SACK
+            # form of three duplicate ACKs), unless these ACKs still belong to the loss
+            # episode that a timeout or an earlier recovery handled (RFC 6582 section 4).
+            if not board.is_lost(0, mss) or not seq_gt(self.snd_una, congestion.recover):
+                return
+            congestion.enter_sack_recovery(seq_diff(self.snd_max, self.snd_una), self.snd_max)
+            self._counters.fast_retransmits += 1
+            self._rtt_end = None  # Karn: no sample across a retransmission
+            self._rxt_marks.clear()
+            # Step 4.3: the first lost segment goes at once, whatever the pipe says.
+            sent = self._retransmit_at(now, self.snd_una, mss)
+            self._high_rxt = seq_add(self.snd_una, sent)
+        else:
+            mark = self._rxt_marks.get(self.snd_una)
+            if (
+                mark is not None
+                and board.sacked_above(seq_diff(mark, self.snd_una)) > (DUPTHRESH - 1) * mss
+            ):
+                # The head was retransmitted, and three segments' worth sent after it
+                # arrived while it did not: that retransmission was lost too. Resend it
+                # now rather than wait for the (backed-off) retransmission timer.
+                self._counters.lost_retransmits += 1
+                self._retransmit_at(now, self.snd_una, mss)
+        # Step (C): while cwnd - pipe >= 1 SMSS, send NextSeg: a lost segment above
+        # HighRxt (rule 1), else new data the peer's window allows (rule 2). Bounded per
+        # ACK by what the congestion window lets out.
+        data_end = seq_add(self._send_seq, len(self._send_buf))
+        for _ in range(congestion.cwnd // mss + 1):
+            base = self.snd_una
+            high_rxt = seq_diff(self._high_rxt, base)
+            pipe = board.pipe(seq_diff(self.snd_max, base), high_rxt, mss)
+            if congestion.cwnd - pipe < mss:
+                return
+            hole = board.next_lost(high_rxt, mss)
+            if hole is not None:
+                seq = seq_add(base, hole[0])
+                sent = self._retransmit_at(now, seq, hole[1])
+                if not sent:
+                    return
+                self._high_rxt = seq_add(seq, sent)
+                continue
+            room = seq_diff(seq_add(base, self.snd_wnd), self.snd_max)
+            unsent = seq_diff(data_end, self.snd_max)
+            if room <= 0 or unsent <= 0:
+                return
+            if not self._send_range(now, self.snd_max, min(room, unsent, mss)):
+                return
 
     def _ack_advanced(self, ack: int, now: float) -> None:
         """SND.UNA moves to ``ack``: free buffer, sample RTT, drive NewReno and the RTO."""
@@ -568,6 +690,7 @@ class TcpConnection:
             self._rto.sample(now - self._rtt_start)
             self._rtt_end = None
         self._retries = 0
+        self._tlp_sent = False
         self._rto.reset_backoff()
         if not syn_acked:
             if self.congestion.on_new_ack(ack, acked, flight_before):
@@ -601,7 +724,13 @@ class TcpConnection:
         payload = seg.payload
         if offset > 0:
             # Out of order: hold it and send a duplicate ACK at once (RFC 5681 4.2).
-            if not self._reassembly.insert(offset, payload):
+            if self._reassembly.insert(offset, payload):
+                recent = self._sack_recent
+                if seg.seq in recent:
+                    recent.remove(seg.seq)
+                recent.insert(0, seg.seq)
+                del recent[MAX_SACK_BLOCKS:]
+            else:
                 self._counters.drop_reassembly_full += 1
             self._ack_now = True
             return
@@ -661,16 +790,92 @@ class TcpConnection:
             self.state in SYNCHRONIZED_STATES or self.state == TcpState.SYN_RECEIVED
         ):
             self._send_ack()
+        if self._sack_ok:
+            self._arm_probe(now)
+
+    def _arm_probe(self, now: float) -> None:
+        """Tail loss probe timer (RFC 8985 7.2): a loss at the end of a flight leaves too
+        few segments behind it for SACK to call it lost, and the RTO (200 ms at least)
+        is a hundred round trips on a LAN; after two smoothed RTTs without progress, one
+        probe segment draws the SACK that starts fast recovery instead."""
+        srtt = self._rto.srtt
+        if (
+            self._tlp_sent
+            or srtt is None
+            or self._retries
+            or self.snd_una == self.snd_max
+            or self.state not in _OUTPUT_STATES
+        ):
+            self._pto_deadline = None
+            return
+        deadline = now + max(2 * srtt, MIN_PROBE_TIMEOUT)
+        if seq_diff(self.snd_max, self.snd_una) <= self.snd_mss:
+            # One segment out: its ACK may be a delayed one (RFC 8985 7.2, WCDelAckT).
+            deadline += WORST_CASE_DELAYED_ACK
+        rto_deadline = self._rto_deadline
+        self._pto_deadline = (
+            deadline if rto_deadline is None or deadline < rto_deadline else None
+        )
+
+    def _on_probe_timeout(self, now: float) -> None:
+        """RFC 8985 7.3: send new data if the peer's window allows, else the last
+        segment again; in SACK recovery, the next lost segment whatever the pipe says."""
+        if self.snd_una == self.snd_max or self.state not in _OUTPUT_STATES:
+            return
+        self._tlp_sent = True
+        self._counters.tail_loss_probes += 1
+        mss = self.snd_mss
+        hole = self._scoreboard.next_lost(seq_diff(self._high_rxt, self.snd_una), mss)
+        data_end = seq_add(self._send_seq, len(self._send_buf))
+        room = seq_diff(seq_add(self.snd_una, self.snd_wnd), self.snd_max)
+        if self.congestion.in_recovery and hole is not None:
+            seq = seq_add(self.snd_una, hole[0])
+            self._rtt_end = None
+            sent = self._retransmit_at(now, seq, hole[1])
+            self._high_rxt = seq_add(seq, sent)
+        elif room > 0 and seq_diff(data_end, self.snd_max) > 0:
+            self._send_range(now, self.snd_max, min(room, mss))
+        else:
+            flight = seq_diff(self.snd_max, self.snd_una)
+            self._rtt_end = None  # Karn
+            self._send_range(now, seq_add(self.snd_max, -min(flight, mss)), mss)
+        self._rto_deadline = now + self._rto.rto
 
     def _send_data(self, now: float) -> None:
         data_end = seq_add(self._send_seq, len(self._send_buf))
         window = min(self.snd_wnd, self.congestion.cwnd)
-        mss = self.snd_mss
+        options = self._ack_options()
+        # RFC 6691: the MSS bounds the data of a segment without options; options that
+        # ride along take their room from the data.
+        mss = self.snd_mss - _options_length(options)
+        scoreboard = self._scoreboard
         while True:
+            limit = mss
+            if scoreboard and seq_lt(self.snd_nxt, self.snd_max):
+                # Going back over sent data (after a timeout): skip what the peer
+                # reported holding, and stop each segment at the next reported block.
+                offset = seq_diff(self.snd_nxt, self.snd_una)
+                held = scoreboard.sacked_range_at(offset)
+                if held is not None:
+                    self.snd_nxt = seq_add(self.snd_una, held[1])
+                    continue
+                following = scoreboard.next_sacked_start(offset)
+                if following is not None:
+                    limit = min(limit, following - offset)
             flight = seq_diff(self.snd_nxt, self.snd_una)
             unsent = max(seq_diff(data_end, self.snd_nxt), 0)
             usable = window - flight
-            count = min(mss, unsent, max(usable, 0))
+            if scoreboard and not self.congestion.in_recovery:
+                # SACKed bytes have left the network: they free congestion window (the
+                # pipe of RFC 6675), though not the peer's window. Before a loss is
+                # declared this is limited transmit (RFC 3042): each ACK that reports
+                # more data held lets one more segment out, which keeps the ACKs coming
+                # that decide, three segments later, that the hole is a loss.
+                usable = min(
+                    self.snd_wnd - flight,
+                    self.congestion.cwnd - flight + scoreboard.sacked_bytes,
+                )
+            count = min(limit, unsent, max(usable, 0))
             fin_now = (
                 self._fin_seq is not None
                 and seq_add(self.snd_nxt, count) == self._fin_seq
@@ -678,11 +883,16 @@ class TcpConnection:
             )
             if count == 0 and not fin_now:
                 break
-            if count < unsent and count < mss and flight > 0 and count * 2 < self.max_snd_wnd:
+            if (
+                count < unsent
+                and count < limit
+                and flight > 0
+                and count * 2 < self.max_snd_wnd
+            ):
                 # Sender silly-window avoidance (RFC 9293 3.8.6.2.1): wait for a full
                 # segment or half the largest window, unless nothing is in flight.
                 break
-            self._send_segment(now, count, fin_now, count == unsent)
+            self._send_segment(now, count, fin_now, count == unsent, options)
             if fin_now:
                 break
         if (
@@ -698,7 +908,9 @@ class TcpConnection:
     def _fin_pending(self) -> bool:
         return self._fin_seq is not None and seq_ge(self._fin_seq, self.snd_nxt)
 
-    def _send_segment(self, now: float, count: int, fin: bool, push: bool) -> None:
+    def _send_segment(
+        self, now: float, count: int, fin: bool, push: bool, options: TcpOptions = NO_OPTIONS
+    ) -> None:
         seq = self.snd_nxt
         offset = seq_diff(seq, self._send_seq)
         flags = ACK
@@ -715,6 +927,7 @@ class TcpConnection:
                 flags,
                 self._window_field(),
                 view[offset : offset + count],
+                options,
             )
             self._stack.transmit(self, segment)
             segment.payload = b""
@@ -736,22 +949,87 @@ class TcpConnection:
         if self.state in (TcpState.SYN_SENT, TcpState.SYN_RECEIVED):
             self._send_syn(now, with_ack=self.state == TcpState.SYN_RECEIVED)
             return
-        saved_nxt = self.snd_nxt
+        self._send_range(now, self.snd_una, self.snd_mss)
+
+    def _retransmit_at(self, now: float, seq: int, max_count: int) -> int:
+        """``_send_range`` for a retransmission in SACK recovery, remembering SND.MAX."""
+        marks = self._rxt_marks
+        if len(marks) >= _MAX_RXT_MARKS:
+            marks.clear()  # only the head's mark matters; an overflow just forgets
+        marks[seq] = self.snd_max
+        return self._send_range(now, seq, max_count)
+
+    def _send_range(self, now: float, seq: int, max_count: int) -> int:
+        """Send one segment of up to ``max_count`` bytes at ``seq`` (already sent or the
+        next new byte), the FIN with it if it ends there; returns the bytes of sequence
+        space sent. SND.NXT ends past the segment, never behind where it was."""
+        options = self._ack_options()
         data_end = seq_add(self._send_seq, len(self._send_buf))
-        self.snd_nxt = self.snd_una
-        count = min(self.snd_mss, max(seq_diff(data_end, self.snd_una), 0))
-        fin = self._fin_seq is not None and seq_add(self.snd_una, count) == self._fin_seq
-        if count or fin:
-            self._send_segment(now, count, fin, False)
+        count = min(max_count, self.snd_mss - _options_length(options))
+        count = max(min(count, seq_diff(data_end, seq)), 0)
+        fin = self._fin_seq is not None and seq_add(seq, count) == self._fin_seq
+        if not count and not fin:
+            return 0
+        saved_nxt = self.snd_nxt
+        self.snd_nxt = seq
+        self._send_segment(now, count, fin, False, options)
         if seq_gt(saved_nxt, self.snd_nxt):
             self.snd_nxt = saved_nxt
+        return count + fin
+
+    def _control_seq(self) -> int:
+        """The sequence number for a segment without data (an ACK, an RST on abort).
+
+        The peer accepts a zero-length segment only inside its receive window, and when
+        that window is zero only at exactly its RCV.NXT (RFC 9293 3.10.7.4). SND.NXT is
+        not safe: after a timeout rewound it, the peer may hold bytes up to SND.MAX.
+        SND.MAX is not safe either: if the last segments were lost and the peer's window
+        then closed, SND.MAX lies past its window, every ACK we send is dropped unread and
+        the peer retransmits into a void with a backed-off timer (seen against Linux over a
+        lossy wire). So take SND.MAX capped at the right edge the peer last offered,
+        SND.UNA + SND.WND, as Linux does (tcp_acceptable_seq).
+        """
+        if not self._syn_acked:
+            return self.snd_max
+        edge = seq_add(self.snd_una, self.snd_wnd)
+        return edge if seq_lt(edge, self.snd_max) else self.snd_max
+
+    def _ack_options(self) -> TcpOptions:
+        """SACK blocks while out-of-order data is held (RFC 2018 section 4): the block
+        holding the latest arrival first, then the blocks of the arrivals before it, then
+        any others, at most four (no timestamps take the room)."""
+        if not self._sack_ok or not len(self._reassembly):
+            return NO_OPTIONS
+        rcv_nxt = self.rcv_nxt
+        ranges = self._reassembly.ranges()
+        chosen: list[tuple[int, int]] = []
+        for seq in self._sack_recent:
+            offset = seq_diff(seq, rcv_nxt)
+            for start, length in ranges:
+                if start <= offset < start + length and (start, length) not in chosen:
+                    chosen.append((start, length))
+                    break
+        for held in ranges:
+            if len(chosen) >= MAX_SACK_BLOCKS:
+                break
+            if held not in chosen:
+                chosen.append(held)
+        blocks = tuple(
+            (seq_add(rcv_nxt, start), seq_add(rcv_nxt, start + length))
+            for start, length in chosen[:MAX_SACK_BLOCKS]
+        )
+        return TcpOptions(sack_blocks=blocks)
 
     def _send_ack(self) -> None:
-        # SND.MAX rather than SND.NXT: after a timeout rewound SND.NXT the peer may
-        # already hold bytes up to SND.MAX, and an ACK below its RCV.NXT would be
-        # unacceptable to it (and draw an ACK back: two such peers would ping-pong).
         segment = TcpSegment(
-            self.local_port, self.remote_port, self.snd_max, self.rcv_nxt, ACK, self._window_field()
+            self.local_port,
+            self.remote_port,
+            self._control_seq(),
+            self.rcv_nxt,
+            ACK,
+            self._window_field(),
+            b"",
+            self._ack_options(),
         )
         self._stack.transmit(self, segment)
         self._acked_by_this_segment()
@@ -812,9 +1090,13 @@ class TcpConnection:
             return
         if self._rto_deadline is not None and now >= self._rto_deadline:
             self._rto_deadline = None
+            self._pto_deadline = None
             self._on_retransmit_timeout(now)
             if self.state == TcpState.CLOSED:
                 return
+        if self._pto_deadline is not None and now >= self._pto_deadline:
+            self._pto_deadline = None
+            self._on_probe_timeout(now)
         if self._persist_deadline is not None and now >= self._persist_deadline:
             self._persist_deadline = None
             self._on_persist_timeout(now)
@@ -898,6 +1180,7 @@ class TcpConnection:
     def _enter_time_wait(self, now: float) -> None:
         self.state = TcpState.TIME_WAIT
         self._rto_deadline = None
+        self._pto_deadline = None
         self._persist_deadline = None
         self._send_buf.clear()
         self._post_closed("normal")
@@ -914,6 +1197,7 @@ class TcpConnection:
         self.state = TcpState.CLOSED
         self.close_reason = self.close_reason or reason
         self._rto_deadline = None
+        self._pto_deadline = None
         self._delack_deadline = None
         self._persist_deadline = None
         self._timewait_deadline = None

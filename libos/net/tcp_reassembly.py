@@ -66,6 +66,10 @@ class Reassembler:
         self.buffered += len(buf)
         return True
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """The held ranges as (offset, length), lowest first: what SACK reports."""
+        return [(offset, len(data)) for offset, data in self._fragments]
+
     def advance(self, delivered: int) -> bytes:
         """RCV.NXT moved forward by ``delivered`` bytes: return the held bytes that are
         now in order (possibly empty) and rebase the rest past them.

@@ -76,6 +76,8 @@ class TcpCounters:
     segments_out: int = 0
     retransmits: int = 0
     fast_retransmits: int = 0
+    lost_retransmits: int = 0  # a retransmission found lost by SACK, resent before the RTO
+    tail_loss_probes: int = 0
     timeouts: int = 0
     drop_truncated: int = 0
     drop_checksum: int = 0
@@ -116,8 +118,12 @@ class TcpConfig:
     # RFC 5961 section 7: a limit on challenge ACKs per interval, per stack.
     challenge_ack_limit: int = 100
     challenge_ack_interval: float = 1.0
-    # At most one ACK per interval in answer to out-of-window segments (as Linux).
+    # At most one ACK per interval in answer to out-of-window segments without data (as
+    # Linux); an old duplicate carrying data is always answered at once.
     out_of_window_ack_interval: float = 0.5
+    # Offer and use selective acknowledgments (RFC 2018) and SACK-based loss recovery
+    # (RFC 6675).
+    sack: bool = True
 
     def __post_init__(self) -> None:
         if not 64 <= self.mss <= 65495:

@@ -10,9 +10,16 @@ the device (``receive``) and frames the device puts on the wire (``send``).
 * ``loss``: each frame is dropped with this probability;
 * ``dup``: each surviving frame is delivered twice with this probability;
 * ``reorder``: each surviving frame is held back with this probability and goes out right
-  after the next frame in the same direction (the two swap places). A held frame waits
-  for that next frame; on a TCP path one always comes, if only the sender's
-  retransmission.
+  after the next frame in the same direction (the two swap places), or after
+  ``MAX_HOLD`` seconds if no frame follows. The bound matters: a hold that waits for "the
+  next frame" can keep a lone retransmission (or the last ACK of a transfer) back for as
+  long as the sender's backed-off RTO, which is a pathological wire, not a reordering one.
+
+The time bound needs the device host to call back while a frame is held, and the host only
+calls a backend when one of its ``fds()`` is readable. So, on a wire that has descriptors,
+the fault layer adds one of its own: an eventfd that is readable exactly while a frame is
+held. The host sees it as one more wire queue and calls ``receive`` on it; that call
+releases the frames whose time is up (frames held on the way out go to the inner wire).
 
 Decisions come from a seeded generator, so a given sequence of frames meets the same
 faults on every run. This kernel has no ``netem`` qdisc, which is why the faults live here.
@@ -20,12 +27,20 @@ faults on every run. This kernel has no ``netem`` qdisc, which is why the faults
 
 from __future__ import annotations
 
+import os
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from vdev.vnic.backend import WireBackend
 
 ENV_VAR = "ARRAKIS_VNIC_FAULTS"
+# How long a reordered frame may wait for a frame to overtake it: long against the
+# microseconds between the frames of a burst, short against any RTO (Linux's floor is 200 ms).
+MAX_HOLD: Final = 0.001
+_ONE: Final = (1).to_bytes(8, "little")
 
 
 class FaultSpecError(ValueError):
@@ -80,6 +95,7 @@ class FaultCounters:
     lost: int = 0
     duplicated: int = 0
     reordered: int = 0
+    released_by_timer: int = 0  # held frames that no later frame overtook within MAX_HOLD
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -93,8 +109,9 @@ class _Direction:
         self.rng = rng
         self.counters = counters
         self.held: bytes | None = None
+        self.held_since = 0.0
 
-    def apply(self, frame: bytes) -> list[bytes]:
+    def apply(self, frame: bytes, now: float) -> list[bytes]:
         """What goes on in place of ``frame``: nothing, it, it twice; plus a held frame."""
         spec = self.spec
         rng = self.rng
@@ -112,35 +129,107 @@ class _Direction:
         elif spec.reorder and rng.random() < spec.reorder:
             self.counters.reordered += 1
             self.held = out.pop()
+            self.held_since = now
         return out
+
+    def expire(self, now: float, max_hold: float) -> bytes | None:
+        """The held frame if it has waited ``max_hold`` seconds; it goes out alone."""
+        held = self.held
+        if held is None or now - self.held_since < max_hold:
+            return None
+        self.held = None
+        self.counters.released_by_timer += 1
+        return held
 
 
 class FaultyBackend:
-    """A ``WireBackend`` that passes frames through ``inner`` with the faults of ``spec``."""
+    """A ``WireBackend`` that passes frames through ``inner`` with the faults of ``spec``.
 
-    def __init__(self, inner: WireBackend, spec: FaultSpec) -> None:
+    ``release_fd``: add the eventfd that bounds how long a reordered frame is held (see the
+    module docstring); by default only when ``inner`` has descriptors to wait on, since a
+    wire without any is polled by hand (tests) and keeps its exact, clock-free order.
+    """
+
+    def __init__(
+        self,
+        inner: WireBackend,
+        spec: FaultSpec,
+        *,
+        release_fd: bool | None = None,
+        max_hold: float = MAX_HOLD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_hold <= 0:
+            raise ValueError("max_hold must be positive")
         self.inner = inner
         self.spec = spec
         self.counters = FaultCounters()
+        self.max_hold = max_hold
+        self._clock = clock
         rng = random.Random(spec.seed)
         self._rx = _Direction(spec, rng, self.counters)
         self._tx = _Direction(spec, rng, self.counters)
+        inner_fds = inner.fds()
+        self._release_queue = len(inner_fds)
+        if release_fd is None:
+            release_fd = bool(inner_fds)
+        self._release_fd = (
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if release_fd else None
+        )
+        self._signalled = False
 
     def fds(self) -> list[int]:
-        return self.inner.fds()
+        fds = self.inner.fds()
+        if self._release_fd is not None:
+            fds.append(self._release_fd)  # the host's queue number ``_release_queue``
+        return fds
 
     def receive(self, queue: int, budget: int) -> list[bytes]:
+        if self._release_fd is not None and queue == self._release_queue:
+            return self._release_due()
         frames: list[bytes] = []
         apply = self._rx.apply
+        now = self._clock()
         for frame in self.inner.receive(queue, budget):
-            frames += apply(frame)
+            frames += apply(frame, now)
+        self._update_signal()
         return frames
 
     def send(self, queue: int, frame: bytes) -> bool:
         sent = True
-        for out in self._tx.apply(frame):
+        for out in self._tx.apply(frame, self._clock()):
             sent = self.inner.send(queue, out) and sent
+        self._update_signal()
         return sent
 
+    def _release_due(self) -> list[bytes]:
+        """Frames whose hold is over: received ones are returned, sent ones go out now."""
+        now = self._clock()
+        held_tx = self._tx.expire(now, self.max_hold)
+        if held_tx is not None:
+            self.inner.send(0, held_tx)
+        held_rx = self._rx.expire(now, self.max_hold)
+        self._update_signal()
+        return [] if held_rx is None else [held_rx]
+
+    def _update_signal(self) -> None:
+        """Keep the eventfd readable exactly while a frame is held."""
+        fd = self._release_fd
+        if fd is None:
+            return
+        holding = self._rx.held is not None or self._tx.held is not None
+        if holding and not self._signalled:
+            os.write(fd, _ONE)
+            self._signalled = True
+        elif not holding and self._signalled:
+            try:
+                os.read(fd, 8)
+            except BlockingIOError:
+                pass
+            self._signalled = False
+
     def close(self) -> None:
+        if self._release_fd is not None:
+            os.close(self._release_fd)
+            self._release_fd = None
         self.inner.close()

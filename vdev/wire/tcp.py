@@ -7,8 +7,10 @@ Parsing goes in three steps, as for the other codecs in this package:
    (RFC 9293 3.1); failures raise ``IntegrityError`` subclasses;
 2. fields: unpacked once with a precompiled ``struct.Struct``;
 3. sanity: port 0, SYN together with FIN or RST, an option whose length is below 2 or
-   runs past the header, an option of a known kind with the wrong length; failures raise
-   ``SanityError``.
+   runs past the header, an option of a known kind with the wrong length (a SACK option
+   must hold one to four 8-byte blocks, RFC 2018 section 3); failures raise
+   ``SanityError``. SACK block edges are reported as sent: whether they make sense is the
+   connection's business, against its own sequence space.
 
 The payload of a parsed segment is a ``memoryview`` into the caller's buffer: no copy is
 made until the state machine keeps the bytes.
@@ -58,6 +60,9 @@ _U32_PAIR: Final = struct.Struct("!II")
 _MSS_OPTION: Final = struct.Struct("!BBH")
 _WINDOW_SCALE_OPTION: Final = struct.Struct("!BBB")
 _TIMESTAMPS_OPTION: Final = struct.Struct("!BBII")
+# RFC 2018 section 3: kind 5, length 2 + 8n; 40 option bytes hold at most four blocks.
+MAX_SACK_BLOCKS: Final = 4
+_SACK_HEAD: Final = struct.Struct("!BBBB")  # two NOPs, kind, length: keeps blocks aligned
 
 # Lengths the options of known kinds must have (RFC 9293 3.2, RFC 2018, RFC 7323).
 _OPTION_LENGTHS: Final = {
@@ -76,6 +81,9 @@ class TcpOptions:
     window_scale: int | None = None
     sack_permitted: bool = False
     timestamps: tuple[int, int] | None = None
+    # (left edge, right edge) pairs: the first sequence number of a block and the one just
+    # past it (RFC 2018 section 3).
+    sack_blocks: tuple[tuple[int, int], ...] = ()
 
     def encode(self) -> bytes:
         """The option bytes, padded with NOPs/EOL to a multiple of 4."""
@@ -91,6 +99,12 @@ class TcpOptions:
             parts.append(
                 b"\x01\x01" + _TIMESTAMPS_OPTION.pack(OPT_TIMESTAMPS, 10, *self.timestamps)
             )
+        if self.sack_blocks:
+            blocks = self.sack_blocks
+            if len(blocks) > MAX_SACK_BLOCKS:
+                raise ValueError(f"at most {MAX_SACK_BLOCKS} SACK blocks fit in a header")
+            parts.append(_SACK_HEAD.pack(OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks)))
+            parts.extend(_U32_PAIR.pack(left, right) for left, right in blocks)
         encoded = b"".join(parts)
         padding = -len(encoded) % 4
         return encoded + bytes(padding)  # zero bytes are EOL
@@ -214,6 +228,7 @@ def _parse_options(data: bytes | bytearray | memoryview, header_len: int) -> Tcp
     window_scale: int | None = None
     sack_permitted = False
     timestamps: tuple[int, int] | None = None
+    sack_blocks: tuple[tuple[int, int], ...] = ()
     index = HEADER_LEN
     while index < header_len:
         kind = data[index]
@@ -242,5 +257,12 @@ def _parse_options(data: bytes | bytearray | memoryview, header_len: int) -> Tcp
         elif kind == OPT_TIMESTAMPS:
             value, echo = _U32_PAIR.unpack_from(data, index + 2)
             timestamps = (value, echo)
+        elif kind == OPT_SACK:
+            count, rest = divmod(option_len - 2, 8)
+            if rest or not 1 <= count <= MAX_SACK_BLOCKS:
+                raise SanityError(f"TCP SACK option of length {option_len}")
+            sack_blocks = tuple(
+                _U32_PAIR.unpack_from(data, index + 2 + 8 * block) for block in range(count)
+            )
         index += option_len
-    return TcpOptions(mss, window_scale, sack_permitted, timestamps)
+    return TcpOptions(mss, window_scale, sack_permitted, timestamps, sack_blocks)
