@@ -408,3 +408,75 @@ def test_faulty_wire_rates_and_determinism() -> None:
         assert 700 < counters.reordered < 1200
     assert runs[0] == runs[1]
     assert runs[0] != frames
+
+
+def reference_take(done: dict[int, QResult], tokens: list[int]) -> tuple[int, QResult] | None:
+    """What ``QueueTable.take`` returns: the first token in list order that completed."""
+    for index, token in enumerate(tokens):
+        if token in done:
+            return index, done.pop(token)
+    return None
+
+
+def table_with(done_count: int, pending_count: int) -> tuple[QueueTable, list[int], list[int]]:
+    table = QueueTable()
+    qd = table.new_queue(SocketKind.UDP)
+    done = [table.completed(Opcode.PUSH, qd) for _ in range(done_count)]
+    pending = [table.pending(qd) for _ in range(pending_count)]
+    return table, done, pending
+
+
+@pytest.mark.parametrize(
+    ("done_count", "picks", "expected_index"),
+    [
+        (0, [], None),  # nothing completed
+        (1, [0], 3),  # one completion, looked up directly
+        (3, [2, 0], 3),  # the first by position wins, not the oldest
+        (40, [39, 5, 17], 3),  # many completions: the scan
+        (40, [], None),  # completions, none of them waited on here
+    ],
+)
+def test_take_finds_the_first_completed_token_by_position(
+    done_count: int, picks: list[int], expected_index: int | None
+) -> None:
+    table, done, pending = table_with(done_count, 6)
+    tokens = pending[:3] + [done[i] for i in picks] + pending[3:]
+    found = table.take(tokens)
+    if expected_index is None:
+        assert found is None
+        return
+    assert found is not None and found[0] == expected_index
+    assert found[1] == QResult(Opcode.PUSH, 3)
+    with pytest.raises(LibOSError, match="unknown token"):
+        table.take([tokens[expected_index]])  # taken out: gone for good
+
+
+def test_take_rejects_unknown_tokens_only_when_nothing_completed() -> None:
+    table, done, pending = table_with(1, 2)
+    with pytest.raises(LibOSError, match="unknown token 999"):
+        table.take(pending + [999])
+    # A completed token comes first: found, whatever else the list holds.
+    assert table.take([999, done[0]]) == (1, QResult(Opcode.PUSH, 3))
+    with pytest.raises(LibOSError, match="unknown token"):
+        table.take([done[0]])  # taken already
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 40),
+    st.integers(1, 30),
+    st.lists(st.integers(0, 69), min_size=1, max_size=60),
+)
+def test_take_agrees_with_the_linear_scan(done_count: int, pending_count: int, picks: list[int]) -> None:
+    table, done, pending = table_with(done_count, pending_count)
+    known = done + pending
+    tokens = [known[pick % len(known)] for pick in picks]  # duplicates allowed
+    expected_done = dict(table.done)
+    while True:
+        want = reference_take(expected_done, tokens)
+        got = table.take(tokens)
+        assert got == want
+        if got is None:
+            break
+        tokens = [token for token in tokens if token != tokens[got[0]]] or pending[:1]
+    assert table.done == expected_done

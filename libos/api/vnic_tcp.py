@@ -79,6 +79,7 @@ class VnicStreams:
         self._streams: dict[int, _Stream] = {}
         self._qd_of: dict[TcpConnection, int] = {}
         self._writers: set[int] = set()  # queues with bytes not yet taken by the connection
+        self._acceptors: set[int] = set()  # listening queues with accept tokens waiting
         self._lingering: dict[TcpConnection, deque[tuple[memoryview, int]]] = {}
         self._stale = True  # something happened since ``deadline`` was computed
 
@@ -130,6 +131,7 @@ class VnicStreams:
             raise LibOSError(f"queue {qd} is not listening")
         token = self.table.pending(qd)
         stream.accept_tokens.append(token)
+        self._acceptors.add(qd)
         self._accept_ready(qd, stream)
         return token
 
@@ -191,6 +193,7 @@ class VnicStreams:
         self.table.drop_queue(qd)
         del self._streams[qd]
         self._writers.discard(qd)
+        self._acceptors.discard(qd)
         self._stale = True
         if stream.listener is not None:
             stream.listener.close(now)
@@ -249,9 +252,12 @@ class VnicStreams:
             if stream is not None and stream.conn is not None:
                 self._service(qd, stream, stream.conn)
         if new_connections:
-            for qd, stream in list(streams.items()):
-                if stream.accept_tokens:
-                    self._accept_ready(qd, stream)
+            # Only listeners with a waiting accept, in queue order (the order of
+            # ``_streams``), instead of a walk over every connected queue.
+            for qd in sorted(self._acceptors):
+                listening = streams.get(qd)
+                if listening is not None:
+                    self._accept_ready(qd, listening)
         return len(events)
 
     def _service(self, qd: int, stream: _Stream, conn: TcpConnection) -> None:
@@ -347,6 +353,7 @@ class VnicStreams:
             self._qd_of[conn] = new_qd
             address: Address = (socket.inet_ntoa(conn.remote_ip), conn.remote_port)
             table.finish(stream.accept_tokens.popleft(), QResult(Opcode.ACCEPT, qd, address=address, new_qd=new_qd))
+        self._acceptors.discard(qd)
 
     def stats(self) -> dict[str, object]:
         return {"connections": self.tcp.connection_count, **self.tcp.counters.as_dict()}

@@ -5,6 +5,14 @@ drains ``outbox`` of ``(dst_ip, src_ip, segment)`` triples to wrap and send. The
 loop calls ``on_timer(now)`` once ``now >= next_deadline()``. Nothing here raises on
 bad input: a malformed segment is dropped and counted.
 
+The event loop asks for ``next_deadline`` on every turn, and a server holds many idle
+connections, so neither that call nor ``on_timer`` looks at every connection: each
+connection reports its earliest deadline whenever it changes (``reschedule``), and the
+layer keeps those in a heap with lazy deletion. An entry is live only while it is the
+one recorded for its connection; stale entries are dropped when they reach the top, and
+the heap is rebuilt when they outnumber the live ones. Connections with output queued by
+the application wait in the dirty set until ``flush``.
+
 A SYN flood is bounded by the listener backlog: once half-open plus not-yet-accepted
 connections reach it, further SYNs are dropped and counted (no SYN cookies), so memory
 stays proportional to the backlog whatever the attack rate.
@@ -12,6 +20,7 @@ stays proportional to the backlog whatever the attack rate.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import deque
 from typing import Final
@@ -53,6 +62,8 @@ EPHEMERAL_PORTS: Final = range(49152, 65536)
 MAX_BACKLOG: Final = 65535
 
 FourTuple = tuple[bytes, int, bytes, int]
+# Rebuild the timer heap once stale entries outnumber live ones by this much.
+_HEAP_SLACK: Final = 64
 
 
 class TcpListener:
@@ -103,6 +114,16 @@ class TcpLayer:
         self._listeners: dict[tuple[bytes | None, int], TcpListener] = {}
         self._listener_of: dict[TcpConnection, TcpListener] = {}
         self._dirty: set[TcpConnection] = set()
+        # Timers: a heap of (deadline, entry number, connection); the live entry of a
+        # connection is the very tuple ``_timer_entry`` holds for it. The entry number
+        # breaks ties, so connections are never compared.
+        self._timers: list[tuple[float, int, TcpConnection]] = []
+        self._timer_entry: dict[TcpConnection, tuple[float, int, TcpConnection]] = {}
+        self._next_entry = 0
+        # When several connections are due at once they run in the order they were
+        # created, as they would in a walk over ``_connections``.
+        self._serial: dict[TcpConnection, int] = {}
+        self._next_serial = 0
         self._isn = IsnGenerator(isn_key)
         self._rng = rng if rng is not None else random.Random()
         self._last_now = 0.0
@@ -166,7 +187,7 @@ class TcpLayer:
         conn = TcpConnection(
             self, self.config, local_ip, local_port, remote_ip, remote_port, iss, passive=False
         )
-        self._connections[key] = conn
+        self._add_connection(key, conn)
         conn.open_active(now)
         return conn
 
@@ -229,21 +250,37 @@ class TcpLayer:
         """When ``on_timer`` must next run; a time already past if output is pending."""
         if self._dirty:
             return self._last_now
-        deadline: float | None = None
-        for conn in self._connections.values():
-            candidate = conn.next_deadline()
-            if candidate is not None and (deadline is None or candidate < deadline):
-                deadline = candidate
-        return deadline
+        timers = self._timers
+        live = self._timer_entry
+        while timers:
+            top = timers[0]
+            if live.get(top[2]) is top:
+                return top[0]
+            heapq.heappop(timers)
+        return None
 
     def on_timer(self, now: float) -> None:
         """Run due timers and send what the application queued."""
         self._last_now = now
         self.flush(now)
-        for conn in list(self._connections.values()):
+        timers = self._timers
+        live = self._timer_entry
+        due: list[TcpConnection] = []
+        while timers and timers[0][0] <= now:
+            top = heapq.heappop(timers)
+            conn = top[2]
+            if live.get(conn) is top:
+                del live[conn]
+                due.append(conn)
+        if len(due) > 1:
+            serial = self._serial
+            due.sort(key=lambda conn: serial.get(conn, -1))
+        for conn in due:
             deadline = conn.next_deadline()
             if deadline is not None and deadline <= now:
-                conn.on_timer(now)
+                conn.on_timer(now)  # reports its next deadline itself
+            else:
+                self.reschedule(conn, deadline)
 
     def flush(self, now: float) -> None:
         """Transmit data queued by ``send`` and window updates queued by ``recv``."""
@@ -264,6 +301,31 @@ class TcpLayer:
 
     def mark_dirty(self, conn: TcpConnection) -> None:
         self._dirty.add(conn)
+
+    def reschedule(self, conn: TcpConnection, deadline: float | None) -> None:
+        """``conn``'s earliest deadline is now ``deadline`` (None: no timer runs).
+
+        Connections call this at the end of every entry point that may move a timer.
+        """
+        live = self._timer_entry
+        current = live.get(conn)
+        if current is not None and current[0] == deadline:
+            return
+        if deadline is None:
+            live.pop(conn, None)
+            return
+        if conn not in self._serial:
+            return  # already forgotten by ``connection_closed``
+        entry = (deadline, self._next_entry, conn)
+        self._next_entry += 1
+        live[conn] = entry
+        timers = self._timers
+        heapq.heappush(timers, entry)
+        if len(timers) > 2 * len(live) + _HEAP_SLACK:
+            # Entries replaced before they fell due pile up (an RTO restarted by every
+            # ACK); drop them all in one linear pass.
+            timers[:] = [item for item in timers if live.get(item[2]) is item]
+            heapq.heapify(timers)
 
     def allow_challenge_ack(self, now: float) -> bool:
         """RFC 5961 section 7: at most ``challenge_ack_limit`` per interval."""
@@ -286,10 +348,17 @@ class TcpLayer:
     def connection_closed(self, conn: TcpConnection) -> None:
         self._connections.pop(conn.four_tuple, None)
         self._dirty.discard(conn)
+        self._timer_entry.pop(conn, None)
+        self._serial.pop(conn, None)
         listener = self._listener_of.pop(conn, None)
         if listener is not None:
             listener.half_open -= 1
 
+
+    def _add_connection(self, key: FourTuple, conn: TcpConnection) -> None:
+        self._connections[key] = conn
+        self._serial[conn] = self._next_serial
+        self._next_serial += 1
 
     def _listen_input(
         self, listener: TcpListener, src_ip: bytes, dst_ip: bytes, seg: TcpSegment, now: float
@@ -313,7 +382,7 @@ class TcpLayer:
         conn = TcpConnection(
             self, self.config, dst_ip, seg.dst_port, src_ip, seg.src_port, iss, passive=True
         )
-        self._connections[conn.four_tuple] = conn
+        self._add_connection(conn.four_tuple, conn)
         self._listener_of[conn] = listener
         listener.half_open += 1
         conn.open_passive(seg, now)

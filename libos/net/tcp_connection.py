@@ -82,6 +82,8 @@ class StackHooks(Protocol):
 
     def mark_dirty(self, conn: TcpConnection) -> None: ...
 
+    def reschedule(self, conn: TcpConnection, deadline: float | None) -> None: ...
+
     def allow_challenge_ack(self, now: float) -> bool: ...
 
     def connection_established(self, conn: TcpConnection) -> None: ...
@@ -271,6 +273,7 @@ class TcpConnection:
                 self.state = TcpState.LAST_ACK
             # In SYN-RECEIVED the FIN waits for ESTABLISHED (RFC 9293 3.10.4).
             self._output(now)
+            self._report_timers()
 
     def abort(self, now: float) -> None:
         """Send RST if synchronized and forget the connection (RFC 9293 3.10.5)."""
@@ -283,23 +286,33 @@ class TcpConnection:
         self._terminate("aborted", now)
 
     def next_deadline(self) -> float | None:
-        deadline: float | None = None
-        for candidate in (
-            self._rto_deadline,
-            self._pto_deadline,
-            self._delack_deadline,
-            self._persist_deadline,
-            self._timewait_deadline,
-        ):
-            if candidate is not None and (deadline is None or candidate < deadline):
-                deadline = candidate
+        """The earliest armed timer, or None. Written out field by field: the layer asks
+        after every entry point, so this sits on the per-segment path."""
+        deadline = self._rto_deadline
+        candidate = self._pto_deadline
+        if candidate is not None and (deadline is None or candidate < deadline):
+            deadline = candidate
+        candidate = self._delack_deadline
+        if candidate is not None and (deadline is None or candidate < deadline):
+            deadline = candidate
+        candidate = self._persist_deadline
+        if candidate is not None and (deadline is None or candidate < deadline):
+            deadline = candidate
+        candidate = self._timewait_deadline
+        if candidate is not None and (deadline is None or candidate < deadline):
+            deadline = candidate
         return deadline
 
+    def _report_timers(self) -> None:
+        """Tell the layer where the earliest timer now lies. Every public entry point that
+        may move a timer ends with this: the layer keeps no other view of our timers."""
+        self._stack.reschedule(self, self.next_deadline())
 
     def open_active(self, now: float) -> None:
         """Send SYN (RFC 9293 3.10.1 active OPEN)."""
         self.state = TcpState.SYN_SENT
         self._send_syn(now, with_ack=False)
+        self._report_timers()
 
     def open_passive(self, syn: TcpSegment, now: float) -> None:
         """A listener got ``syn``: enter SYN-RECEIVED and answer SYN-ACK (RFC 9293 3.10.7.2)."""
@@ -312,6 +325,7 @@ class TcpConnection:
         self._snd_wl2 = syn.ack
         self.state = TcpState.SYN_RECEIVED
         self._send_syn(now, with_ack=True)
+        self._report_timers()
 
     def _take_syn_options(self, syn: TcpSegment) -> None:
         options = syn.options
@@ -371,6 +385,7 @@ class TcpConnection:
             self._synchronized_input(seg, now)
         if self.state != TcpState.CLOSED:
             self._output(now)
+            self._report_timers()
 
     def _syn_sent_input(self, seg: TcpSegment, now: float) -> None:
         """RFC 9293 3.10.7.3."""
@@ -779,6 +794,7 @@ class TcpConnection:
         """Send what the application queued since the last call."""
         if self.state != TcpState.CLOSED:
             self._output(now)
+            self._report_timers()
 
     def _output(self, now: float) -> None:
         if self.state in _OUTPUT_STATES:
@@ -843,6 +859,11 @@ class TcpConnection:
 
     def _send_data(self, now: float) -> None:
         data_end = seq_add(self._send_seq, len(self._send_buf))
+        if self._fin_seq is None and self.snd_nxt == data_end == self.snd_max:
+            # Everything written was sent and no FIN is due: the loop below would stop at
+            # once and the zero-window check find nothing to probe for. This is the case
+            # of most calls (each ACK, each received request), so skip the set-up.
+            return
         window = min(self.snd_wnd, self.congestion.cwnd)
         options = self._ack_options()
         # RFC 6691: the MSS bounds the data of a segment without options; options that
@@ -1084,6 +1105,11 @@ class TcpConnection:
 
     def on_timer(self, now: float) -> None:
         """Run whatever timers are due at ``now``."""
+        self._run_timers(now)
+        if self.state != TcpState.CLOSED:
+            self._report_timers()
+
+    def _run_timers(self, now: float) -> None:
         if self._timewait_deadline is not None and now >= self._timewait_deadline:
             self._timewait_deadline = None
             self._terminate("normal", now)
