@@ -105,6 +105,9 @@ class FunctionDriver:
         self.client.set_irq_eventfds(layout.IRQ_INDEX_MSIX, queue, [self.irq_fd])
         self._poller = select.epoll()
         self._poller.register(self.irq_fd, select.EPOLLIN)
+        # The device host closing our vfio-user socket (it died, or the control plane took
+        # the function away) must wake a sleeper and fail it, not leave it waiting forever.
+        self._poller.register(self.client.sock.fileno(), select.EPOLLRDHUP | select.EPOLLHUP)
 
     # ---- data path helpers -------------------------------------------------------------------
 
@@ -116,7 +119,9 @@ class FunctionDriver:
         """Block until the interrupt or ``timeout``. The caller asked for the interrupt and
         looked at its ring once more before calling, so nothing posted before is missed."""
         self.counters.sleeps += 1
-        if self._poller.poll(timeout):
+        for fd, _mask in self._poller.poll(timeout):
+            if fd != self.irq_fd:
+                raise self.ERROR("the device went away (its vfio-user socket closed)")
             try:
                 os.eventfd_read(self.irq_fd)
             except BlockingIOError:
