@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in apps:
             stop(process)
-        kernelctl(args.tag, "down", env=env)
+        kernelctl(args.tag, "down", "--purge", env=env)
     vnic, linux = results["vnic"], results["linux"]
     results["ratios"] = {
         "rtt_p50_vnic_over_linux": vnic["rtt_us"]["p50"] / linux["rtt_us"]["p50"],

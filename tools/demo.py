@@ -34,7 +34,10 @@ def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]
     shown = ["kernelctl", *argv[3:]] if argv[:3] == [sys.executable, "-m", "kernelctl.cli"] else argv
     print("$ " + " ".join(shown), flush=True)
     result = subprocess.run(argv, cwd=REPO, text=True, capture_output=True)
-    print(result.stdout + result.stderr, end="", flush=True)
+    # redis-benchmark redraws a progress line with carriage returns: keep the final lines.
+    lines = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+    shown_lines = [line for line in lines if line.strip() and "rps=" not in line]
+    print("\n".join(shown_lines), flush=True)
     if check and result.returncode != 0:
         raise SystemExit(f"demo: {' '.join(argv)} failed")
     return result
@@ -83,17 +86,21 @@ def refused(address: tuple[str, int]) -> bool:
 
 
 def start_echo(backend: str, tag: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-u", "-m", "libos.apps.echo", "--backend", backend, "--port", "7"]
+    return start_app("libos.apps.echo", backend, tag, "--port", "7")
+
+
+def start_app(module: str, backend: str, tag: str, *extra: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-u", "-m", module, "--backend", backend, *extra]
     if tag:
         argv += ["--instance", tag]
-    print("$ python -m " + " ".join(argv[4:]) + " &", flush=True)
+    print("$ python -m " + " ".join(argv[3:]) + " &", flush=True)
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     line = process.stdout.readline()
     print("  " + line.strip(), flush=True)
     if "ready" not in line:
         process.kill()
-        raise SystemExit(f"demo: echo on {backend} did not start: {process.stdout.read()}")
+        raise SystemExit(f"demo: {module} on {backend} did not start: {process.stdout.read()}")
     return process
 
 
@@ -132,7 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  a datagram to {topo.vnic_ip}:9999 (no app claimed it): "
               f"{'ICMP port unreachable, the socket sees ECONNREFUSED' if unclaimed else 'no answer'}")
 
-        banner("5. kernelctl status: functions, filters, counters, rate limits")
+        banner("5. The Redis-compatible server on both backends, durable: real redis-cli and redis-benchmark")
+        for backend in ("vnic", "linux"):
+            apps.append(start_app("libos.apps.kv", backend, args.instance, "--port", "6379", "--durable"))
+        for name, ip in (("vnic ", topo.vnic_ip), ("linux", topo.linux_ip)):
+            client = ["ip", "netns", "exec", topo.client_netns]
+            run([*client, "redis-cli", "-h", ip, "-p", "6379", "SET", "greeting", f"hello from {name.strip()}"])
+            run([*client, "redis-cli", "-h", ip, "-p", "6379", "GET", "greeting"])
+            run([*client, "redis-benchmark", "-h", ip, "-p", "6379", "-t", "set,get", "-n", "2000", "-c", "10", "-q"])
+        run([*kernelctl, "vsa", "ls"])
+
+        banner("6. kernelctl status: functions, filters, counters, rate limits")
         run([*kernelctl, "status"])
     finally:
         for process in apps:
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print("\nThe system stays up; `.venv/bin/kernelctl down` removes it.")
         else:
-            banner("6. kernelctl down: every namespace, link, tc rule, process and file goes")
+            banner("7. kernelctl down: every namespace, link, tc rule and process goes (the images stay)")
             run([*kernelctl, "down"], check=False)
     return 0
 
