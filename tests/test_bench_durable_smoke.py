@@ -16,16 +16,8 @@ from hypothesis import strategies as st
 
 from libos.storage.blockdev import FileBlockDevice
 from libos.storage.log import PersistentLog
-from tools.bench_durable import (
-    BenchError,
-    log_appends,
-    parse_redis_benchmark_csv,
-    parse_strace,
-    percentile,
-    run_writers,
-    summarize,
-    vsa_blocks,
-)
+from tools.bench_durable import log_appends, parse_strace, run_writers, summarize, vsa_blocks
+from tools.benchlib import BenchError, parse_redis_benchmark_csv, percentile
 
 REDIS7_CSV = (
     '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"\n'

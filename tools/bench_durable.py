@@ -33,12 +33,9 @@ server under cProfile and reports its top functions.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import mmap
 import os
-import platform
-import pstats
 import re
 import shutil
 import signal
@@ -48,7 +45,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +53,25 @@ from kernelctl.names import Topology, topology
 from libos.storage.blockdev import FileBlockDevice
 from libos.storage.log import PersistentLog
 from libos.storage.vsa import open_vsa
+from tools.benchlib import (
+    APP_CPU,
+    CLIENT_CPU,
+    BenchError,
+    device_host_pids,
+    have_root,
+    in_netns,
+    kernelctl,
+    machine_info,
+    parse_redis_benchmark_csv,
+    percentile,
+    pin_device_hosts,
+    ratio_or_nan,
+    report_profiles,
+    start_app,
+    stop,
+    write_json,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-APP_CPU = 1
-CLIENT_CPU = 0
 BLOCK = 4096
 KV_PORT = 6379
 REDIS_PORT = 6380
@@ -71,17 +82,6 @@ RAW_VSA_BYTES = 32 << 20
 RAW_LOG_BYTES = 64 << 20
 KV_LOG_BYTES = 256 << 20
 MANY_WRITERS = 16
-
-
-class BenchError(Exception):
-    """A step of the benchmark could not run (a server did not start, a tool failed)."""
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, int(fraction * len(sorted_values)))
-    return sorted_values[index]
 
 
 def summarize(latencies_s: list[float], elapsed_s: float) -> dict[str, Any]:
@@ -319,55 +319,10 @@ def schedstat(pid: int) -> tuple[float, float]:
     return on_cpu / 1e9, waiting / 1e9
 
 
-def kernelctl(tag: str, *args: str, env: dict[str, str] | None = None, check: bool = True) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "kernelctl.cli", "--instance", tag, *args], cwd=REPO, check=check, env=env
-    )
-
-
-def device_host_pids(topo: Topology) -> dict[str, int]:
-    """The instance's device hosts: children of its kernelctl daemon."""
-    daemon = int(topo.pid_file.read_text().strip())
-    found: dict[str, int] = {}
-    listing = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(daemon)], capture_output=True, text=True)
-    for line in listing.stdout.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        for kind in ("vnic", "vsic"):
-            if f"vdev.{kind}.host" in args:
-                found[kind] = int(pid)
-    return found
-
-
-def pin(pid: int, cpu: int | None) -> None:
-    """Pin ``pid`` and all its threads to ``cpu`` (None: leave it where the scheduler likes)."""
-    if cpu is None:
-        return
-    for task in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(task), {cpu})
-
-
 def start_kv(backend: str, tag: str, port: int, durable: bool, profile_dir: str | None) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-u"]
-    if profile_dir and backend == "vnic" and durable:
-        argv += ["-m", "cProfile", "-o", os.path.join(profile_dir, "kv-vnic-durable.prof")]
-    argv += ["-m", "libos.apps.kv", "--backend", backend, "--instance", tag, "--port", str(port)]
-    if durable:
-        argv += ["--durable", "--log-size", str(KV_LOG_BYTES)]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {APP_CPU}),
-    )
-    if process.stdout is None:
-        raise BenchError("no pipe to the server")
-    line = process.stdout.readline()
-    if "ready" not in line:
-        process.kill()
-        raise BenchError(f"kv on {backend} did not start: {line}{process.stdout.read()}")
-    return process
+    profile = Path(profile_dir) / "kv-vnic-durable.prof" if profile_dir and backend == "vnic" and durable else None
+    extra = ["--durable", "--log-size", str(KV_LOG_BYTES)] if durable else []
+    return start_app("libos.apps.kv", backend, tag, port, name="kv", extra=extra, profile=profile)
 
 
 def start_redis(topo: Topology, redis_dir: Path) -> subprocess.Popen[str]:
@@ -376,7 +331,7 @@ def start_redis(topo: Topology, redis_dir: Path) -> subprocess.Popen[str]:
         raise BenchError("redis-server is not installed")
     redis_dir.mkdir(parents=True, exist_ok=True)
     argv = [
-        "ip", "netns", "exec", topo.linux_netns, "taskset", "-c", str(APP_CPU), server,
+        *in_netns(topo.linux_netns, APP_CPU, server),
         "--port", str(REDIS_PORT), "--bind", topo.linux_ip, "--protected-mode", "no",
         "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(redis_dir),
     ]  # fmt: skip
@@ -396,64 +351,19 @@ def start_redis(topo: Topology, redis_dir: Path) -> subprocess.Popen[str]:
     raise BenchError("redis-server did not answer PING")
 
 
-def stop(process: subprocess.Popen[str]) -> str:
-    process.send_signal(signal.SIGTERM)
-    try:
-        out, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate()
-    return out or ""
-
-
-def parse_redis_benchmark_csv(text: str) -> dict[str, Any]:
-    """The SET row of ``redis-benchmark --csv`` (Redis 7 columns), latencies in microseconds."""
-    try:
-        rows = [row for row in csv.reader(StringIO(text)) if row]
-    except csv.Error as exc:
-        raise BenchError(f"unreadable redis-benchmark output: {exc}") from None
-    header = next((row for row in rows if row and row[0] == "test"), None)
-    data = next((row for row in rows if row and row[0] == "SET"), None)
-    if header is None or data is None or len(header) != len(data):
-        raise BenchError(f"unexpected redis-benchmark output: {text[-500:]!r}")
-    fields = dict(zip(header[1:], data[1:]))
-    try:
-        return {
-            "ops_per_s": float(fields["rps"]),
-            "p50_us": float(fields["p50_latency_ms"]) * 1e3,
-            "p99_us": float(fields["p99_latency_ms"]) * 1e3,
-            "mean_us": float(fields["avg_latency_ms"]) * 1e3,
-        }
-    except (KeyError, ValueError) as exc:
-        raise BenchError(f"unexpected redis-benchmark columns: {header}") from exc
-
-
 def redis_benchmark(topo: Topology, host: str, port: int, clients: int, requests: int, args: argparse.Namespace) -> dict[str, Any]:
     argv = [
-        "ip", "netns", "exec", topo.client_netns, "taskset", "-c", str(CLIENT_CPU), "redis-benchmark",
+        *in_netns(topo.client_netns, CLIENT_CPU, "redis-benchmark"),
         "-h", host, "-p", str(port), "-t", "set", "-n", str(requests), "-c", str(clients),
         "-r", str(args.keyspace), "-d", str(args.value_bytes), "--csv",
     ]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise BenchError(f"redis-benchmark failed: {result.stderr[-1000:]}")
-    out = parse_redis_benchmark_csv(result.stdout)
+    out: dict[str, Any] = dict(parse_redis_benchmark_csv(result.stdout))
     out["clients"] = clients
     out["requests"] = requests
     return out
-
-
-def top_functions(path: Path, limit: int = 15) -> str:
-    out = StringIO()
-    stats = pstats.Stats(str(path), stream=out)
-    stats.strip_dirs().sort_stats("tottime").print_stats(limit)
-    text = out.getvalue()
-    start = text.find("   ncalls")
-    return text[start:] if start >= 0 else text
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
 
 
 def run_servers(topo: Topology, args: argparse.Namespace, profile_dir: str | None, results: dict[str, Any]) -> None:
@@ -473,9 +383,7 @@ def run_servers(topo: Topology, args: argparse.Namespace, profile_dir: str | Non
         if args.reference:
             processes["vnic (not durable)"] = start_kv("vnic", topo.tag, KV_PLAIN_PORT, False, None)
             processes["linux (not durable)"] = start_kv("linux", topo.tag, KV_PLAIN_PORT, False, None)
-        hosts = device_host_pids(topo)
-        for pid in hosts.values():
-            pin(pid, args.device_cpu)
+        hosts = pin_device_hosts(topo, args.device_cpu)
         table: dict[str, dict[str, Any]] = {name: {} for name in servers}
         for clients, requests in zip(args.clients, args.requests):
             for name, (host, port) in servers.items():
@@ -611,11 +519,11 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
             for metric, label in (("ops_per_s", "ops/s"), ("p50_us", "p50 us"), ("p99_us", "p99 us")):
                 values = [table[name][clients][metric] for name in names]
                 vnic, linux, redis = (table[n][clients][metric] for n in ("vnic", "linux", "redis"))
-                ratios[f"set_c{clients}_{metric}_vnic_over_linux"] = ratio(vnic, linux)
-                ratios[f"set_c{clients}_{metric}_vnic_over_redis"] = ratio(vnic, redis)
+                ratios[f"set_c{clients}_{metric}_vnic_over_linux"] = ratio_or_nan(vnic, linux)
+                ratios[f"set_c{clients}_{metric}_vnic_over_redis"] = ratio_or_nan(vnic, redis)
                 print(
                     f"c={clients:>3s} {label:12s} " + "".join(f"{v:21.0f}" for v in values)
-                    + f"{ratio(vnic, linux):12.2f}{ratio(vnic, redis):12.2f}"
+                    + f"{ratio_or_nan(vnic, linux):12.2f}{ratio_or_nan(vnic, redis):12.2f}"
                 )  # fmt: skip
     raw = results.get("raw_log")
     if raw:
@@ -624,11 +532,11 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         for writers in (1, MANY_WRITERS):
             for metric, label in (("ops_per_s", "ops/s"), ("p50_us", "p50 us"), ("p99_us", "p99 us")):
                 vsa, ext4, dev = (raw[f"{kind}_{writers}"][metric] for kind in ("vsa", "ext4", "device"))
-                ratios[f"log_w{writers}_{metric}_vsa_over_ext4"] = ratio(vsa, ext4)
-                ratios[f"log_w{writers}_{metric}_vsa_over_device"] = ratio(vsa, dev)
+                ratios[f"log_w{writers}_{metric}_vsa_over_ext4"] = ratio_or_nan(vsa, ext4)
+                ratios[f"log_w{writers}_{metric}_vsa_over_device"] = ratio_or_nan(vsa, dev)
                 print(
                     f"{writers:2d} writers {label:13s}{vsa:12.0f}{ext4:12.0f}{dev:12.0f}"
-                    f"{ratio(vsa, ext4):10.2f}{ratio(vsa, dev):12.2f}"
+                    f"{ratio_or_nan(vsa, ext4):10.2f}{ratio_or_nan(vsa, dev):12.2f}"
                 )
     stages = results.get("stages")
     if stages:
@@ -675,8 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device_cpu = int(args.device_cpu)
     else:
         parser.error("--device-cpu is 0, 1 or any")
-    if os.geteuid() != 0:
-        print("bench: needs root (it builds its own topology)", file=sys.stderr)
+    if not have_root():
         return 1
     if args.servers and (shutil.which("redis-benchmark") is None or shutil.which("redis-server") is None):
         print("bench: redis-benchmark and redis-server are needed (or --no-servers)", file=sys.stderr)
@@ -685,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = tempfile.mkdtemp(prefix="arx-bench-prof-") if args.profile else None
     results: dict[str, Any] = {
         "benchmark": "durable",
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "machine": machine_info(),
         "pinning": {"apps": APP_CPU, "clients": CLIENT_CPU, "device_hosts": args.device_cpu},
         "device_host_spin_s": args.spin,
         "redis_benchmark": {"keyspace": args.keyspace, "value_bytes": args.value_bytes},
@@ -693,9 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     kernelctl(args.tag, "up", *(["--spin", str(args.spin)] if args.spin is not None else []))
     try:
-        hosts = device_host_pids(topo)
-        for pid in hosts.values():
-            pin(pid, args.device_cpu)
+        pin_device_hosts(topo, args.device_cpu)
         loops = subprocess.run(["losetup", "-l", "-J"], capture_output=True, text=True).stdout
         results["loop_devices"] = [
             entry for entry in json.loads(loops or '{"loopdevices": []}').get("loopdevices", [])
@@ -711,15 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         kernelctl(args.tag, "down", "--purge", check=False)
     print_tables(results, args)
     if profile_dir:
-        profiles = {}
-        for path in sorted(Path(profile_dir).glob("*.prof")):
-            profiles[path.stem] = top_functions(path)
-            print(f"\nprofile {path.stem} (top functions by own time)\n{profiles[path.stem]}")
-        results["profiles"] = profiles
+        results["profiles"] = report_profiles(Path(profile_dir))
         shutil.rmtree(profile_dir, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

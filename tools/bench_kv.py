@@ -25,11 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
 import os
-import platform
-import pstats
 import re
 import shutil
 import subprocess
@@ -37,15 +33,28 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from kernelctl.names import Topology, topology
+from tools.benchlib import (
+    APP_CPU,
+    CLIENT_CPU,
+    BenchError,
+    have_root,
+    in_netns,
+    kernelctl,
+    machine_info,
+    parse_redis_benchmark_csv,
+    pin_device_hosts,
+    pinned_to,
+    ratio,
+    report_profiles,
+    start_app,
+    stop,
+    write_json,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-APP_CPU = 1
-CLIENT_CPU = 0
 KV_PORT = 6379
 MC_PORT = 11211
 REAL_REDIS_PORT = 6380
@@ -53,56 +62,19 @@ REAL_MEMCACHED_PORT = 11212
 TARGETS = ("vnic", "linux", "real")
 
 
-class BenchError(RuntimeError):
-    """A server that would not start or a client that failed: the run is not valid."""
-
-
-def kernelctl(tag: str, *args: str, env: dict[str, str] | None = None, check: bool = True) -> None:
-    subprocess.run([sys.executable, "-m", "kernelctl.cli", "--instance", tag, *args],
-                   cwd=REPO, check=check, env=env)
-
-
-def pin_device_host(topo: Topology) -> None:
-    found = subprocess.run(["pgrep", "-f", f"vdev.vnic.host --tap {topo.tap} "], capture_output=True, text=True)
-    for pid in found.stdout.split():
-        os.sched_setaffinity(int(pid), {CLIENT_CPU})
-
-
-def _pin_app() -> None:
-    os.sched_setaffinity(0, {APP_CPU})
-
-
 def client(topo: Topology, *argv: str) -> list[str]:
     """A client command line: in the client namespace, pinned to the client CPU."""
-    return ["ip", "netns", "exec", topo.client_netns, "taskset", "-c", str(CLIENT_CPU), *argv]
-
-
-def _stop(process: subprocess.Popen[Any]) -> str:
-    process.terminate()
-    try:
-        out, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate()
-    return out if isinstance(out, str) else ""
+    return in_netns(topo.client_netns, CLIENT_CPU, *argv)
 
 
 @contextlib.contextmanager
 def our_server(module: str, backend: str, topo: Topology, port: int, profile: Path | None) -> Iterator[None]:
-    argv = [sys.executable, "-u"]
-    if profile is not None:
-        argv += ["-m", "cProfile", "-o", str(profile)]
-    argv += ["-m", module, "--backend", backend, "--instance", topo.tag, "--port", str(port)]
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=_pin_app)
+    process = start_app(module, backend, topo.tag, port, profile=profile)
     try:
-        line = process.stdout.readline() if process.stdout is not None else ""
-        if "ready" not in line:
-            raise BenchError(f"{module} on {backend} did not start: {line}{_stop(process)}")
         yield
     finally:
         if process.poll() is None:
-            out = _stop(process)
+            out = stop(process)
             if process.returncode != 0:
                 print(f"  warning: {module} on {backend} exited {process.returncode}: {out[-2000:]}", flush=True)
 
@@ -111,7 +83,7 @@ def our_server(module: str, backend: str, topo: Topology, port: int, profile: Pa
 def real_server(argv: list[str], topo: Topology, probe: list[str], workdir: Path) -> Iterator[None]:
     """A real server in the baseline namespace, pinned like ours; ready when ``probe`` works."""
     process = subprocess.Popen(["ip", "netns", "exec", topo.linux_netns, *argv], cwd=workdir,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pin_app)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned_to(APP_CPU))
     try:
         deadline = time.monotonic() + 15
         while subprocess.run(probe, capture_output=True).returncode != 0:
@@ -120,24 +92,7 @@ def real_server(argv: list[str], topo: Topology, probe: list[str], workdir: Path
             time.sleep(0.1)
         yield
     finally:
-        _stop(process)
-
-
-def parse_redis_benchmark_csv(text: str) -> dict[str, dict[str, float]]:
-    """Rows of ``redis-benchmark --csv`` (Redis 7: rps, then latencies in ms) by test name."""
-    rows = [row for row in csv.reader(StringIO(text)) if row]
-    if not rows or rows[0][:2] != ["test", "rps"]:
-        raise BenchError(f"unexpected redis-benchmark output: {text[-500:]!r}")
-    header = rows[0]
-    out: dict[str, dict[str, float]] = {}
-    for row in rows[1:]:
-        fields = dict(zip(header, row))
-        out[fields["test"]] = {
-            "rps": float(fields["rps"]),
-            "p50_us": float(fields["p50_latency_ms"]) * 1000,
-            "p99_us": float(fields["p99_latency_ms"]) * 1000,
-        }
-    return out
+        stop(process)
 
 
 def redis_benchmark(topo: Topology, host: str, port: int, test: str, clients: int, requests: int) -> dict[str, float]:
@@ -148,10 +103,8 @@ def redis_benchmark(topo: Topology, host: str, port: int, test: str, clients: in
     )
     if done.returncode != 0 or "rror" in done.stderr:
         raise BenchError(f"redis-benchmark against {host}:{port} failed: {done.stdout[-500:]}{done.stderr[-500:]}")
-    rows = parse_redis_benchmark_csv(done.stdout)
-    if test.upper() not in rows:
-        raise BenchError(f"redis-benchmark gave no {test.upper()} row: {done.stdout[-500:]}")
-    return rows[test.upper()]
+    row = parse_redis_benchmark_csv(done.stdout, test.upper())
+    return {"rps": row["ops_per_s"], "p50_us": row["p50_us"], "p99_us": row["p99_us"]}
 
 
 def memcaslap(topo: Topology, host: str, port: int, seconds: float, udp: bool) -> dict[str, float]:
@@ -214,10 +167,6 @@ def run_memcache(topo: Topology, args: argparse.Namespace, workdir: Path, result
                       f"(misses/drops/timeouts {row['misses_drops_timeouts']:.0f})", flush=True)
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def _fmt(value: float | None, width: int = 10, digits: int = 0) -> str:
     return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
 
@@ -235,14 +184,6 @@ def print_tables(results: dict[str, Any]) -> None:
         values = [by_target.get(target, {}).get("tps") for target in TARGETS]
         print(f"{name + ' ops/s':26s}" + "".join(_fmt(v) for v in values)
               + _fmt(ratio(values[0], values[1]), 12, 2) + _fmt(ratio(values[0], values[2]), 11, 2))
-
-
-def top_functions(path: Path, limit: int = 15) -> str:
-    out = StringIO()
-    pstats.Stats(str(path), stream=out).strip_dirs().sort_stats("tottime").print_stats(limit)
-    text = out.getvalue()
-    start = text.find("   ncalls")
-    return text[start:] if start >= 0 else text
 
 
 def run_profile(topo: Topology, args: argparse.Namespace, profile_dir: Path, results: dict[str, Any]) -> None:
@@ -267,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="only a GET run against the vnic server, profiling it and the device host")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (it builds its own topology)", file=sys.stderr)
+    if not have_root():
         return 1
     missing = [tool for tool in ("redis-benchmark", "redis-cli", "redis-server", "memcaslap", "memcached", "taskset")
                if shutil.which(tool) is None]
@@ -284,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         env["ARRAKIS_PROFILE_DIR"] = str(profile_dir)
     results: dict[str, Any] = {
         "benchmark": "kv",
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "machine": machine_info(),
         "pinning": {"servers": APP_CPU, "clients": CLIENT_CPU, "device_host": CLIENT_CPU},
         "redis_benchmark": {"requests": args.requests, "pipeline": 1},
         "memcaslap": {"seconds": args.seconds, "concurrency": 16},
@@ -294,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     kernelctl(args.tag, "up", env=env)
     try:
-        pin_device_host(topo)
+        pin_device_hosts(topo, CLIENT_CPU, kinds=("vnic",))
         if profile_dir is not None:
             run_profile(topo, args, profile_dir, results)
         else:
@@ -306,11 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         kernelctl(args.tag, "down", "--purge", env=env, check=False)  # its images are throwaway
     if profile_dir is not None:
-        profiles = {}
-        for path in sorted(profile_dir.glob("*.prof")):
-            profiles[path.stem] = top_functions(path)
-            print(f"\nprofile {path.stem} (top functions by own time)\n{profiles[path.stem]}")
-        results["profiles"] = profiles
+        results["profiles"] = report_profiles(profile_dir)
     else:
         for section in ("redis", "memcache"):
             for by_target in results[section].values():
@@ -319,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 by_target["vnic_over_real"] = ratio(by_target["vnic"][key], by_target["real"][key])
         print_tables(results)
     shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

@@ -18,10 +18,7 @@ the device host and the vnic echo app run under cProfile and their top functions
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import pstats
 import select
 import socket
 import struct
@@ -29,25 +26,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from kernelctl.names import Topology, topology
+from tools.benchlib import (
+    APP_CPU,
+    CLIENT_CPU,
+    have_root,
+    kernelctl,
+    machine_info,
+    percentile,
+    pin_device_hosts,
+    ratio,
+    ratio_or_nan,
+    report_profiles,
+    start_app,
+    stop,
+    write_json,
+)
 from tools.nsrun import run_in_netns
 
-REPO = Path(__file__).resolve().parent.parent
-APP_CPU = 1
-CLIENT_CPU = 0
 RATES = (1000, 2000, 5000, 10000, 15000, 20000, 30000, 40000, 60000)
 _STAMP = struct.Struct("!dI")
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, int(fraction * len(sorted_values)))
-    return sorted_values[index]
 
 
 def latency_client(address: tuple[str, int], count: int, size: int) -> list[float]:
@@ -122,40 +123,8 @@ def rate_client(address: tuple[str, int], rate: float, seconds: float, size: int
 
 
 def start_echo(backend: str, tag: str, port: int, profile_dir: str | None) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-u"]
-    if profile_dir and backend == "vnic":
-        argv += ["-m", "cProfile", "-o", os.path.join(profile_dir, "echo-vnic.prof")]
-    argv += ["-m", "libos.apps.echo", "--backend", backend, "--instance", tag, "--port", str(port)]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {APP_CPU}),
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "ready" not in line:
-        process.kill()
-        raise RuntimeError(f"echo on {backend} did not start: {line}{process.stdout.read()}")
-    return process
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    process.terminate()
-    try:
-        out, _ = process.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate()
-    return out
-
-
-def kernelctl(tag: str, *args: str, env: dict[str, str] | None = None) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "kernelctl.cli", "--instance", tag, *args], cwd=REPO, check=True, env=env
-    )
+    profile = Path(profile_dir) / "echo-vnic.prof" if profile_dir and backend == "vnic" else None
+    return start_app("libos.apps.echo", backend, tag, port, name="echo", profile=profile)
 
 
 def measure(topo: Topology, backend: str, ip: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -192,21 +161,6 @@ def measure(topo: Topology, backend: str, ip: str, args: argparse.Namespace) -> 
     return result
 
 
-def pin_device_host(topo: Topology) -> None:
-    found = subprocess.run(["pgrep", "-f", f"vdev.vnic.host --tap {topo.tap} "], capture_output=True, text=True)
-    for pid in found.stdout.split():
-        os.sched_setaffinity(int(pid), {CLIENT_CPU})
-
-
-def top_functions(path: Path, limit: int = 12) -> str:
-    out = StringIO()
-    stats = pstats.Stats(str(path), stream=out)
-    stats.strip_dirs().sort_stats("tottime").print_stats(limit)
-    text = out.getvalue()
-    start = text.find("   ncalls")
-    return text[start:] if start >= 0 else text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/bench udp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -218,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="bench", help="topology instance to build for the run")
     parser.add_argument("--profile", action="store_true", help="cProfile the device host and the vnic app")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (it builds its own topology)", file=sys.stderr)
+    if not have_root():
         return 1
     topo = topology(args.tag)
     profile_dir = tempfile.mkdtemp(prefix="arx-bench-prof-") if args.profile else None
@@ -228,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         env["ARRAKIS_PROFILE_DIR"] = profile_dir
     results: dict[str, Any] = {
         "benchmark": "udp-echo",
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "machine": machine_info(),
         "pinning": {"apps": APP_CPU, "client": CLIENT_CPU, "device_host": CLIENT_CPU},
         "payload_bytes": args.size,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -236,20 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     kernelctl(args.tag, "up", env=env)
     apps = []
     try:
-        pin_device_host(topo)
+        pin_device_hosts(topo, CLIENT_CPU, kinds=("vnic",))
         apps = [start_echo("vnic", args.tag, args.port, profile_dir), start_echo("linux", args.tag, args.port, profile_dir)]
         for backend, ip in (("vnic", topo.vnic_ip), ("linux", topo.linux_ip)):
             print(f"measuring {backend} ({ip})", flush=True)
             results[backend] = measure(topo, backend, ip, args)
     finally:
         for process in apps:
-            stop(process)
+            stop(process, timeout=15)
         kernelctl(args.tag, "down", "--purge", env=env)
     vnic, linux = results["vnic"], results["linux"]
     results["ratios"] = {
         "rtt_p50_vnic_over_linux": vnic["rtt_us"]["p50"] / linux["rtt_us"]["p50"],
         "rtt_p99_vnic_over_linux": vnic["rtt_us"]["p99"] / linux["rtt_us"]["p99"],
-        "max_rate_vnic_over_linux": (vnic["max_sustained_rate"] / linux["max_sustained_rate"]) if linux["max_sustained_rate"] else None,
+        "max_rate_vnic_over_linux": ratio(vnic["max_sustained_rate"], linux["max_sustained_rate"]),
     }
     rows = [
         ("RTT p50 (us)", vnic["rtt_us"]["p50"], linux["rtt_us"]["p50"]),
@@ -260,17 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nUDP echo, {args.size}-byte payload ({os.cpu_count()} CPUs; apps on CPU {APP_CPU}, client on CPU {CLIENT_CPU})")
     print(f"{'':22s}{'vnic':>12s}{'linux':>12s}{'vnic/linux':>12s}")
     for name, a, b in rows:
-        ratio = a / b if b else float("nan")
-        print(f"{name:22s}{a:12.1f}{b:12.1f}{ratio:12.2f}")
+        print(f"{name:22s}{a:12.1f}{b:12.1f}{ratio_or_nan(a, b):12.2f}")
     if profile_dir:
-        profiles = {}
-        for path in sorted(Path(profile_dir).glob("*.prof")):
-            profiles[path.stem] = top_functions(path)
-            print(f"\nprofile {path.stem} (top functions by own time)\n{profiles[path.stem]}")
-        results["profiles"] = profiles
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+        results["profiles"] = report_profiles(Path(profile_dir), limit=12)
+    write_json(args.json, results)
     return 0
 
 
