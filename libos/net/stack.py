@@ -150,14 +150,8 @@ class NetStack:
             payload,
             data_sum,
         )
-        counters = self.counters
-        counters.udp.tx_datagrams += 1
-        counters.ipv4.tx_packets += 1
-        if dst_mac is not None:
-            self.outbox.append(frame)
-            counters.ethernet.tx_frames += 1
-            return True
-        return self._hold(next_hop, frame, now)
+        self.counters.udp.tx_datagrams += 1
+        return self._send_frame(next_hop, dst_mac, frame, now)
 
     def send_ip(self, dst_ip: bytes, protocol: int, payload: bytes | bytearray | memoryview, now: float) -> bool:
         """Send one IPv4 datagram from our address (for transport layers such as TCP)."""
@@ -180,10 +174,15 @@ class NetStack:
             protocol,
             payload,
         )
-        self.counters.ipv4.tx_packets += 1
+        return self._send_frame(next_hop, dst_mac, frame, now)
+
+    def _send_frame(self, next_hop: bytes, dst_mac: bytes | None, frame: bytes, now: float) -> bool:
+        """Queue an IPv4 frame for the wire, or hold it until ARP resolves its next hop."""
+        counters = self.counters
+        counters.ipv4.tx_packets += 1
         if dst_mac is not None:
             self.outbox.append(frame)
-            self.counters.ethernet.tx_frames += 1
+            counters.ethernet.tx_frames += 1
             return True
         return self._hold(next_hop, frame, now)
 
