@@ -115,15 +115,7 @@ class VnicDevice:
         """Take posted frames off every function's TX rings onto the wire."""
         sent = 0
         deadline: float | None = None
-        classify_tx = self.filters.classify_tx
-        record_tx = self.filters.record_tx
-
-        def allowed(function_id: int, frame: bytes) -> bool:
-            verdict = classify_tx(function_id, frame)
-            permitted = verdict != TX_REFUSED
-            record_tx(function_id, verdict, len(frame), permitted)
-            return permitted
-
+        allowed = self._tx_allowed
         for function in self.functions.values():
             for queue in range(function.num_queues):
                 if function.tx_rings[queue] is None:
@@ -139,6 +131,13 @@ class VnicDevice:
                     deadline = due if deadline is None else min(deadline, due)
         self.tx_deadline = deadline
         return sent
+
+    def _tx_allowed(self, function_id: int, frame: bytes) -> bool:
+        """The transmit filter's verdict on one frame, counted (passed to ``transmit``)."""
+        verdict = self.filters.classify_tx(function_id, frame)
+        permitted = verdict != TX_REFUSED
+        self.filters.record_tx(function_id, verdict, len(frame), permitted)
+        return permitted
 
     def raise_irqs(self) -> None:
         if self._irq_pending:

@@ -449,18 +449,13 @@ class FilterTable:
         e.g. the queue was full or the policer said no)."""
         if delivery.filter_id == UNMATCHED:
             self._unmatched += 1
-        rule = self._rules.get(delivery.filter_id)
         counters = self._function_counters(delivery.function_id)
         if delivered:
             counters.rx_packets += 1
             counters.rx_bytes += nbytes
-            if rule is not None:
-                rule.packets += 1
-                rule.bytes += nbytes
         else:
             counters.rx_drops += 1
-            if rule is not None:
-                rule.drops += 1
+        self._count_rule(delivery.filter_id, nbytes, delivered)
 
     def record_tx(self, function_id: int, verdict: int, nbytes: int, sent: bool) -> None:
         """Count one frame a function asked to send; ``verdict`` is what
@@ -469,17 +464,22 @@ class FilterTable:
         if verdict == TX_REFUSED:
             counters.tx_spoofed += 1
             return
-        rule = self._rules.get(verdict)
         if sent:
             counters.tx_packets += 1
             counters.tx_bytes += nbytes
-            if rule is not None:
-                rule.packets += 1
-                rule.bytes += nbytes
         else:
             counters.tx_drops += 1
-            if rule is not None:
-                rule.drops += 1
+        self._count_rule(verdict, nbytes, sent)
+
+    def _count_rule(self, filter_id: int, nbytes: int, passed: bool) -> None:
+        rule = self._rules.get(filter_id)
+        if rule is None:
+            return  # a stand-in id (unmatched, an address grant), or a filter just removed
+        if passed:
+            rule.packets += 1
+            rule.bytes += nbytes
+        else:
+            rule.drops += 1
 
     # --- inspection ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import errno
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vdev import layout
@@ -74,32 +75,29 @@ class BackingStore:
         self.closed = False
 
     def read_into(self, physical_block: int, view: memoryview) -> None:
-        offset = physical_block * BLOCK_SIZE
-        length = view.nbytes
-        done = 0
-        while done < length:
-            with view[done:] as rest:
-                got = os.preadv(self._fd, [rest], offset + done)
-            if got <= 0:
-                self.counters.errors += 1
-                raise OSError(errno.EIO, f"short read at byte {offset + done} of the image")
-            done += got
+        self._transfer(os.preadv, "read", physical_block, view)
         self.counters.reads += 1
-        self.counters.read_bytes += length
+        self.counters.read_bytes += view.nbytes
 
     def write_from(self, physical_block: int, view: memoryview) -> None:
+        self._transfer(os.pwritev, "write", physical_block, view)
+        self.counters.writes += 1
+        self.counters.write_bytes += view.nbytes
+
+    def _transfer(
+        self, call: Callable[[int, list[memoryview], int], int], what: str, physical_block: int, view: memoryview
+    ) -> None:
+        """All of ``view`` at ``physical_block``: a short transfer is retried, a zero one is EIO."""
         offset = physical_block * BLOCK_SIZE
         length = view.nbytes
         done = 0
         while done < length:
             with view[done:] as rest:
-                put = os.pwritev(self._fd, [rest], offset + done)
-            if put <= 0:
+                moved = call(self._fd, [rest], offset + done)
+            if moved <= 0:
                 self.counters.errors += 1
-                raise OSError(errno.EIO, f"short write at byte {offset + done} of the image")
-            done += put
-        self.counters.writes += 1
-        self.counters.write_bytes += length
+                raise OSError(errno.EIO, f"short {what} at byte {offset + done} of the image")
+            done += moved
 
     def flush(self) -> None:
         # fdatasync: the data and what is needed to read it back, not the mtime (the
