@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdev.vnic.ratelimit import (
+from vdev.ratelimit import (
     MIN_NET_BURST_BYTES,
     MIN_STORAGE_BURST_BYTES,
     MIN_STORAGE_BURST_REQUESTS,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vdev.vnic.ratelimit import TokenBucket
+from vdev.ratelimit import TokenBucket
 from vdev.wire import arp, ethernet, icmp, ipv4, tcp
 from vdev.wire.errors import WireError
 

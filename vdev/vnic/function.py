@@ -20,7 +20,7 @@ from vdev import layout
 from vdev.dma import DmaFault
 from vdev.function_base import DeviceFunction
 from vdev.ring import DeviceRing
-from vdev.vnic.ratelimit import TokenBucket, default_burst_bytes
+from vdev.ratelimit import TokenBucket, default_burst_bytes
 
 RX_POLICER_WINDOW = 0.05  # seconds of traffic the receive policer lets through at once
 _WRITEBACK = struct.Struct("<HHH")  # length, flags, status at VNIC_DESC_LENGTH_OFFSET

@@ -25,7 +25,7 @@ from vdev import layout
 from vdev.dma import DmaFault
 from vdev.function_base import DeviceFunction
 from vdev.ring import DeviceRing, is_valid_ring_size
-from vdev.vnic.ratelimit import RequestLimiter
+from vdev.ratelimit import RequestLimiter
 
 BLOCK_SIZE = layout.VSIC_BLOCK_SIZE
 MAX_QUEUES = layout.MAX_RINGS
