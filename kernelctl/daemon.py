@@ -85,7 +85,10 @@ class Daemon:
         self.running = True
         self._next_function = 1
         self.tc_missing = ""
-        self.storage = StoragePlane(topo)
+        # The storage plane refuses to shrink or delete a VSA that a function has open.
+        self.storage = StoragePlane(
+            topo, lambda: [r.vsa for r in self.functions.values() if r.device == "vsic"], policy
+        )
 
     # ---- life cycle --------------------------------------------------------------------
 

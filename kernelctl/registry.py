@@ -14,6 +14,24 @@ keeps the free list coarse and the extent lists short.
 Access is decided by uid: root may do anything; the owner reads, writes, resizes, deletes
 and grants; other uids read ("ro") or read and write ("rw") only what they were granted.
 
+Three promises keep one uid from reaching another's data or starving it (issue 7):
+
+* **Blocks are zeroed before they are handed out.** ``create_vsa`` and a growing
+  ``resize_vsa`` call ``zero`` on exactly the new extents *inside* the transaction that
+  hands them out, before it commits: a crash before the commit hands out nothing, and the
+  blocks a VSA gets never hold what an earlier VSA (deleted, shrunk, or from an image older
+  than this registry) left there. Zeroing on allocation, not on free, needs no extra state
+  in the database to be crash-safe and covers data from any history of the image.
+* **Per-uid bounds** (:class:`Limits`): VSAs and bytes per owner, grants and extents per
+  VSA, checked in the same transaction as the change they limit; uids in
+  ``Limits.exempt_uids`` (root by default) skip them. ``HARD_MAX_EXTENTS`` binds everyone:
+  a VSA with more extents could not be opened on the VSIC.
+* **No shrink or delete of an open VSA**: the caller passes the names of the VSAs that
+  functions have open (``busy``), and the change is refused with :class:`Busy`, as a block
+  device refuses to go away while it is mounted. A function keeps the extents it was
+  opened with, so releasing them under it would let it write into the next owner's VSA.
+  Growing is safe: the open function's extents stay a prefix of the VSA's.
+
 The database file is input like any other: everything read back is checked (types, ranges,
 names, no overlap, sizes that add up) and anything wrong is a :class:`RegistryError`, never
 a crash of the daemon.
@@ -24,7 +42,7 @@ from __future__ import annotations
 import builtins
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +58,20 @@ MAX_UID = 2**32 - 2
 # Keep every block number inside a signed 64-bit SQLite INTEGER and a u64 descriptor field.
 MAX_CAPACITY_BLOCKS = 2**62 // BLOCK_SIZE
 
+# A VSA's extent list is sent whole to the VSIC device host, which accepts at most this many
+# (vdev.vsic.function.MAX_EXTENTS; kept equal by a test): no uid, root included, gets more.
+HARD_MAX_EXTENTS = 4096
+
+# Per-uid bounds (issue 7, defect 12), the defaults of Limits; a policy may change them.
+DEFAULT_MAX_VSAS_PER_UID = 16
+DEFAULT_MAX_BYTES_PER_UID = 512 << 20  # half of the default 1 GiB image
+DEFAULT_MAX_GRANTS_PER_VSA = 16
+DEFAULT_MAX_EXTENTS_PER_VSA = 64
+
 Mode = Literal["ro", "rw"]
+# Zeroes the given physical extents on the device before they are handed out; OSError on
+# failure. None where no device is behind the registry (unit tests, offline tools).
+Zeroer = Callable[[Sequence["Extent"]], None]
 _MODES: frozenset[str] = frozenset({"ro", "rw"})
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -53,6 +84,10 @@ _SCHEMA = (
     "CREATE TABLE vsa_grant (vsa TEXT NOT NULL REFERENCES vsa(name), uid INTEGER NOT NULL,"
     " mode TEXT NOT NULL, PRIMARY KEY (vsa, uid))",
 )
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class RegistryError(Exception):
@@ -70,6 +105,51 @@ class AccessDenied(RegistryError, PermissionError):
 
 class OutOfRange(RegistryError, ValueError):
     """A block range that is not inside the VSA."""
+
+
+class QuotaExceeded(RegistryError):
+    """The change would take a uid past one of its bounds (:class:`Limits`)."""
+
+
+class Busy(RegistryError):
+    """The VSA is open: it may not be deleted or shrunk now (EBUSY)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-uid bounds. The VSA counts and bytes are the owner's; grants and extents are per
+    VSA. A uid in ``exempt_uids`` acting on any VSA is not bound by them."""
+
+    max_vsas_per_uid: int = DEFAULT_MAX_VSAS_PER_UID
+    max_bytes_per_uid: int = DEFAULT_MAX_BYTES_PER_UID
+    max_grants_per_vsa: int = DEFAULT_MAX_GRANTS_PER_VSA
+    max_extents_per_vsa: int = DEFAULT_MAX_EXTENTS_PER_VSA
+    exempt_uids: frozenset[int] = frozenset({0})
+
+    def __post_init__(self) -> None:
+        for key in ("max_vsas_per_uid", "max_bytes_per_uid", "max_grants_per_vsa"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 0:
+                raise RegistryError(f"limit {key} must be a non-negative integer, not {value!r}")
+        extents = self.max_extents_per_vsa
+        if not _is_int(extents) or not 1 <= extents <= HARD_MAX_EXTENTS:
+            raise RegistryError(f"limit max_extents_per_vsa must be 1..{HARD_MAX_EXTENTS}, not {extents!r}")
+        if not isinstance(self.exempt_uids, frozenset) or not all(
+            _is_int(uid) and 0 <= uid <= MAX_UID for uid in self.exempt_uids
+        ):
+            raise RegistryError(f"exempt_uids must be a set of uids, not {self.exempt_uids!r}")
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "max_vsas_per_uid": self.max_vsas_per_uid,
+            "max_bytes_per_uid": self.max_bytes_per_uid,
+            "max_grants_per_vsa": self.max_grants_per_vsa,
+            "max_extents_per_vsa": self.max_extents_per_vsa,
+            "exempt_uids": sorted(self.exempt_uids),
+        }
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class Extent(NamedTuple):
@@ -177,9 +257,23 @@ class Registry:
     ``capacity_blocks`` is recorded when the database is created; on reopen, None keeps the
     recorded value, and a different value is accepted only when every extent still fits
     (the image grew, or shrank only past free space).
+
+    ``limits`` are the per-uid bounds; ``zero`` zeroes extents on the device before they
+    are handed out (see the module's docstring).
     """
 
-    def __init__(self, path: str | Path, capacity_blocks: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        capacity_blocks: int | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        zero: Zeroer | None = None,
+    ) -> None:
+        if not isinstance(limits, Limits):
+            raise RegistryError(f"bad limits {limits!r}")
+        self.limits = limits
+        self._zero = zero
         if capacity_blocks is not None:
             if isinstance(capacity_blocks, bool) or not isinstance(capacity_blocks, int):
                 raise RegistryError(f"bad capacity {capacity_blocks!r}")
@@ -336,22 +430,73 @@ class Registry:
         return vsa
 
     @staticmethod
-    def _allocate(vsas: dict[str, Vsa], capacity: int, blocks: int) -> builtins.list[Extent]:
-        """First fit: take free space from the lowest gaps until ``blocks`` are found."""
+    def _allocate(
+        vsas: dict[str, Vsa], capacity: int, blocks: int, existing: Sequence[Extent], max_extents: int
+    ) -> tuple[builtins.list[Extent], builtins.list[Extent]]:
+        """``blocks`` of free space appended to ``existing``: (the new extents, the whole list).
+
+        First fit (the lowest gaps first). When that would leave the VSA with more than
+        ``max_extents`` extents, the largest gaps first, which needs the fewest; if even
+        that is too many, the free space is too fragmented for this VSA.
+        """
         used = [extent for vsa in vsas.values() for extent in vsa.extents]
         usable = capacity - capacity % EXTENT_UNIT_BLOCKS
         gaps = free_extents(used, usable)
         available = sum(gap.block_count for gap in gaps)
         if blocks > available:
             raise RegistryError(f"no space: {blocks} blocks wanted, {available} free")
-        taken: list[Extent] = []
-        for gap in gaps:
-            take = min(gap.block_count, blocks)
-            taken.append(Extent(gap.physical_block, take))
-            blocks -= take
-            if blocks == 0:
-                break
-        return taken
+        largest_first = sorted(gaps, key=lambda gap: (-gap.block_count, gap.physical_block))
+        for order in (gaps, largest_first):
+            taken: list[Extent] = []
+            wanted = blocks
+            for gap in order:
+                take = min(gap.block_count, wanted)
+                taken.append(Extent(gap.physical_block, take))
+                wanted -= take
+                if wanted == 0:
+                    break
+            extents = list(existing)
+            for extent in taken:
+                _append_extent(extents, extent)
+            if len(extents) <= max_extents:
+                return taken, extents
+        raise QuotaExceeded(
+            f"the free space is too fragmented: {blocks} blocks would take the VSA past"
+            f" {max_extents} extents"
+        )
+
+    def _exempt(self, uid: int) -> bool:
+        return uid in self.limits.exempt_uids
+
+    def _max_extents(self, uid: int) -> int:
+        return HARD_MAX_EXTENTS if self._exempt(uid) else self.limits.max_extents_per_vsa
+
+    def _check_space_quota(self, vsas: dict[str, Vsa], owner: int, extra_blocks: int, new_vsa: bool) -> None:
+        """Refuse when ``extra_blocks`` more (and one more VSA, with ``new_vsa``) would take
+        ``owner`` past its bounds."""
+        limits = self.limits
+        owned = [vsa for vsa in vsas.values() if vsa.owner_uid == owner]
+        if new_vsa and len(owned) >= limits.max_vsas_per_uid:
+            raise QuotaExceeded(
+                f"quota: uid {owner} owns {len(owned)} VSAs, the most a uid may own is {limits.max_vsas_per_uid}"
+            )
+        held = sum(vsa.size_bytes for vsa in owned)
+        wanted = held + extra_blocks * BLOCK_SIZE
+        if wanted > limits.max_bytes_per_uid:
+            raise QuotaExceeded(
+                f"quota: uid {owner} would hold {wanted >> 20} MiB of VSAs, the most a uid may hold is"
+                f" {limits.max_bytes_per_uid >> 20} MiB ({held >> 20} MiB held now)"
+            )
+
+    def _zero_new(self, extents: Sequence[Extent]) -> None:
+        """Zero blocks about to be handed out; called inside the transaction that hands them
+        out, so they are zero before anyone can own them (and nothing is handed out if this fails)."""
+        if self._zero is None or not extents:
+            return
+        try:
+            self._zero(extents)
+        except OSError as exc:
+            raise RegistryError(f"cannot zero the blocks of the new space: {exc}") from exc
 
     def create_vsa(self, name: str, size_bytes: int, owner_uid: int) -> Vsa:
         validate_name(name)
@@ -361,15 +506,19 @@ class Registry:
             vsas, capacity = self._load(db)
             if name in vsas:
                 raise RegistryError(f"VSA {name!r} already exists")
-            extents: list[Extent] = []
-            for extent in self._allocate(vsas, capacity, blocks):
-                _append_extent(extents, extent)
+            if not self._exempt(owner_uid):
+                self._check_space_quota(vsas, owner_uid, blocks, new_vsa=True)
+            taken, extents = self._allocate(vsas, capacity, blocks, (), self._max_extents(owner_uid))
+            self._zero_new(taken)
             db.execute("INSERT INTO vsa (name, owner_uid, size_blocks) VALUES (?, ?, ?)", (name, owner_uid, blocks))
             self._write_extents(db, name, extents)
         return Vsa(name, owner_uid, blocks, tuple(extents), MappingProxyType({}))
 
-    def resize_vsa(self, name: str, size_bytes: int, uid: int) -> Vsa:
-        """Grow by appending extents (first fit) or shrink by releasing the tail."""
+    def resize_vsa(self, name: str, size_bytes: int, uid: int, busy: Collection[str] = ()) -> Vsa:
+        """Grow by appending extents (first fit) or shrink by releasing the tail.
+
+        ``busy``: the names of the VSAs that functions have open; shrinking one is refused.
+        """
         validate_name(name)
         _validate_uid(uid)
         blocks = blocks_for(size_bytes)
@@ -378,9 +527,14 @@ class Registry:
             vsa = self._managed(vsas, name, uid)
             extents = list(vsa.extents)
             if blocks > vsa.size_blocks:
-                for extent in self._allocate(vsas, capacity, blocks - vsa.size_blocks):
-                    _append_extent(extents, extent)
+                extra = blocks - vsa.size_blocks
+                if not self._exempt(uid):
+                    self._check_space_quota(vsas, vsa.owner_uid, extra, new_vsa=False)
+                taken, extents = self._allocate(vsas, capacity, extra, extents, self._max_extents(uid))
+                self._zero_new(taken)
             elif blocks < vsa.size_blocks:
+                if name in busy:
+                    raise Busy(f"VSA {name!r} is open: close every function on it before shrinking it (EBUSY)")
                 excess = vsa.size_blocks - blocks
                 while excess:
                     last = extents.pop()
@@ -395,12 +549,15 @@ class Registry:
             self._write_extents(db, name, extents)
         return Vsa(name, vsa.owner_uid, blocks, tuple(extents), vsa.grants)
 
-    def delete_vsa(self, name: str, uid: int) -> None:
+    def delete_vsa(self, name: str, uid: int, busy: Collection[str] = ()) -> None:
+        """``busy``: as for :meth:`resize_vsa`; deleting an open VSA is refused."""
         validate_name(name)
         _validate_uid(uid)
         with self._transaction() as db:
             vsas, _ = self._load(db)
             self._managed(vsas, name, uid)
+            if name in busy:
+                raise Busy(f"VSA {name!r} is open: close every function on it before deleting it (EBUSY)")
             db.execute("DELETE FROM extent WHERE vsa = ?", (name,))
             db.execute("DELETE FROM vsa_grant WHERE vsa = ?", (name,))
             db.execute("DELETE FROM vsa WHERE name = ?", (name,))
@@ -417,6 +574,12 @@ class Registry:
             vsa = self._managed(vsas, name, by_uid)
             if uid == vsa.owner_uid:
                 raise RegistryError(f"uid {uid} owns VSA {name!r} already")
+            others = len([grantee for grantee in vsa.grants if grantee != uid])
+            if not self._exempt(by_uid) and others >= self.limits.max_grants_per_vsa:
+                raise QuotaExceeded(
+                    f"quota: VSA {name!r} has {others} grants, the most a VSA may have is"
+                    f" {self.limits.max_grants_per_vsa}"
+                )
             db.execute("INSERT OR REPLACE INTO vsa_grant (vsa, uid, mode) VALUES (?, ?, ?)", (name, uid, mode))
         return Vsa(vsa.name, vsa.owner_uid, vsa.size_blocks, vsa.extents, MappingProxyType({**vsa.grants, uid: mode}))
 
@@ -455,6 +618,12 @@ class Registry:
     def capacity_blocks(self) -> int:
         return self._snapshot()[1]
 
+    def usage(self, uid: int) -> tuple[int, int]:
+        """How many VSAs ``uid`` owns and how many bytes they hold."""
+        _validate_uid(uid)
+        owned = [vsa for vsa in self._snapshot()[0].values() if vsa.owner_uid == uid]
+        return len(owned), sum(vsa.size_bytes for vsa in owned)
+
     def free_blocks(self) -> int:
         vsas, capacity = self._snapshot()
         usable = capacity - capacity % EXTENT_UNIT_BLOCKS
@@ -465,6 +634,3 @@ class Registry:
         with self._transaction() as db:
             return self._load(db)
 
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
