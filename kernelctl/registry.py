@@ -1,8 +1,8 @@
 """The registry of virtual storage areas (VSAs), persisted in SQLite.
 
 A VSA is a list of extents on the physical raw image: ``(physical_block, block_count)``
-pairs in VSA order. The registry hands out space first-fit, in whole extent units, and
-guarantees that no two VSAs ever share a block and none reaches past the device. Every
+pairs in VSA order. The registry hands out space first-fit (largest gaps first where first
+fit would split a VSA past its extent bound), in whole extent units, and guarantees that no two VSAs ever share a block and none reaches past the device. Every
 change (create, resize, delete, grant, revoke) is one SQLite transaction, so a crash in the
 middle leaves the registry as it was before the change: no overlap, no leaked extent.
 
@@ -124,7 +124,7 @@ class Limits:
     max_bytes_per_uid: int = DEFAULT_MAX_BYTES_PER_UID
     max_grants_per_vsa: int = DEFAULT_MAX_GRANTS_PER_VSA
     max_extents_per_vsa: int = DEFAULT_MAX_EXTENTS_PER_VSA
-    exempt_uids: frozenset[int] = frozenset({0})
+    exempt_uids: frozenset[int] = frozenset({ROOT_UID})
 
     def __post_init__(self) -> None:
         for key in ("max_vsas_per_uid", "max_bytes_per_uid", "max_grants_per_vsa"):
