@@ -163,6 +163,17 @@ class DmaTable:
             raise VfioError(errno.EINVAL, f"DMA range not aligned to {self.page_size} bytes")
 
     def _check_fd(self, fd: int, needed_size: int) -> None:
+        if self.require_shrink_seal:
+            # First, because it asks no file system anything: only a memfd has seals, and
+            # fstat of a file on a file system the driver serves (FUSE) could wait for it.
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise VfioError(errno.EBADF, f"DMA fd unusable: {exc.strerror}") from None
+                raise VfioError(errno.EINVAL, "DMA fd is not a memfd") from None
+            if not seals & fcntl.F_SEAL_SHRINK:
+                raise VfioError(errno.EPERM, "DMA memory must be sealed with F_SEAL_SHRINK")
         try:
             info = os.fstat(fd)
         except OSError as exc:
@@ -171,13 +182,6 @@ class DmaTable:
             raise VfioError(errno.EINVAL, "DMA fd is not a regular file (memfd)")
         if self.require_shrink_seal and _filesystem_type(fd) != TMPFS_MAGIC:
             raise VfioError(errno.EINVAL, "DMA memory must be a memfd on shared memory (not hugetlbfs)")
-        if self.require_shrink_seal:
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError:
-                seals = 0
-            if not seals & fcntl.F_SEAL_SHRINK:
-                raise VfioError(errno.EPERM, "DMA memory must be sealed with F_SEAL_SHRINK")
         if needed_size > info.st_size:
             raise VfioError(errno.EINVAL, f"DMA range ends at {needed_size}, the file has {info.st_size}")
 
