@@ -8,17 +8,21 @@ exception there would end the device host for every app.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
 import socket
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vdev import layout
-from vdev.vfio_user.wire import VfioError
+from vdev.vfio_user import wire
+from vdev.vfio_user.server import REQUIRED_REGION_SEALS, ServerSession
+from vdev.vfio_user.wire import Header, Message, VfioError
 from vdev.vnic.device import VnicDevice
 from vdev.vnic.filters import Match
 from vdev.vnic.function import FunctionConfig, VnicFunction
@@ -186,3 +190,40 @@ def test_no_driver_input_raises_out_of_the_host_loop_calls(script: list[tuple[st
         device.close()
         memory.close()
         os.close(fd)
+
+
+def _request(command: int, payload: bytes, msg_id: int = 0) -> Message:
+    return Message(Header(msg_id, command, wire.HEADER_SIZE + len(payload), wire.TYPE_COMMAND, 0), payload)
+
+
+def test_server_hands_out_only_sealed_region_memory() -> None:
+    """Defect 1's class: whatever the device model, the server sends no region fd whose size
+    the client could change (or whose seals it could add to)."""
+    backend = ListBackend()
+    device = VnicDevice(backend, MAC, [IP])
+    function = device.add_function(FunctionConfig(function_id=1, mac=MAC, ipv4=IP), [], 0.0)
+    session = ServerSession(function)
+    session.handle(_request(wire.CMD_VERSION, wire.encode_version(wire.SUPPORTED_MAJOR, 0, {})))
+    info_request = _request(wire.CMD_DEVICE_GET_REGION_INFO, wire.encode_region_info_request(layout.BAR0_INDEX, 256), 1)
+    _reply, fd = session.handle(info_request)
+    assert fd is not None
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & REQUIRED_REGION_SEALS == REQUIRED_REGION_SEALS
+    for size in (0, 2 * layout.BAR0_SIZE):
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, size)
+    # A model that forgot to seal: refused, not handed out.
+    unsealed = os.memfd_create("h1-unsealed-bar", os.MFD_CLOEXEC)
+    os.ftruncate(unsealed, layout.BAR0_SIZE)
+    original = function._bar_fd
+    function._bar_fd = unsealed
+    try:
+        fresh = ServerSession(function)
+        fresh.handle(_request(wire.CMD_VERSION, wire.encode_version(wire.SUPPORTED_MAJOR, 0, {})))
+        with pytest.raises(VfioError) as caught:
+            fresh.handle(info_request)
+        assert caught.value.errno == errno.EIO
+    finally:
+        function._bar_fd = original
+        os.close(unsealed)
+        device.close()
