@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdev.dma import DmaFault, DmaTable
+from vdev.dma import MAX_DMA_BYTES_PER_FUNCTION, DmaFault, DmaTable
 from vdev.vfio_user.wire import VfioError
 
 PAGE = 4096
@@ -119,6 +119,53 @@ def test_refuses_unsealed_and_non_files(table: DmaTable) -> None:
     with pytest.raises(VfioError) as caught:
         table.map(0, PAGE, 999_999, 0, readable=True, writable=True)
     assert caught.value.errno == errno.EBADF
+
+
+def test_mapped_bytes_are_bounded(memfd: int) -> None:
+    table = DmaTable(max_maps=64, max_bytes=8 * PAGE)
+    try:
+        table.map(0x10000, 4 * PAGE, memfd, 0, readable=True, writable=True)
+        table.map(0x20000, 4 * PAGE, memfd, 0, readable=True, writable=True)
+        assert table.mapped_bytes == 8 * PAGE
+        with pytest.raises(VfioError) as caught:
+            table.map(0x30000, PAGE, memfd, 0, readable=True, writable=True)
+        assert caught.value.errno == errno.ENOSPC and "per function" in caught.value.message
+        table.unmap(0x10000, 4 * PAGE)
+        assert table.mapped_bytes == 4 * PAGE
+        table.map(0x30000, 4 * PAGE, memfd, 0, readable=True, writable=True)
+    finally:
+        table.clear()
+    assert table.mapped_bytes == 0
+
+
+def test_default_byte_bound_refuses_a_huge_sparse_memfd() -> None:
+    huge = sealed_memfd(1 << 40)  # sparse: costs nothing until touched
+    table = DmaTable()
+    try:
+        assert table.max_bytes == MAX_DMA_BYTES_PER_FUNCTION
+        with pytest.raises(VfioError) as caught:
+            table.map(0, 1 << 40, huge, 0, readable=True, writable=True)
+        assert caught.value.errno == errno.ENOSPC
+        table.map(0, MAX_DMA_BYTES_PER_FUNCTION, huge, 0, readable=True, writable=True)
+        with pytest.raises(VfioError):
+            table.map(1 << 41, PAGE, huge, 0, readable=True, writable=True)
+    finally:
+        table.clear()
+        os.close(huge)
+
+
+def test_refuses_hugetlbfs_memory(table: DmaTable) -> None:
+    # A hole punched into a hugetlbfs file refaults from the huge page pool; an empty pool
+    # is SIGBUS in the device host. Creating such a memfd needs no huge pages.
+    fd = os.memfd_create("h1-dma-huge", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    try:
+        os.ftruncate(fd, 2 << 20)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        with pytest.raises(VfioError) as caught:
+            table.map(0, 2 << 20, fd, 0, readable=True, writable=True)
+        assert caught.value.errno == errno.EINVAL and "hugetlbfs" in caught.value.message
+    finally:
+        os.close(fd)
 
 
 def test_permissions_are_enforced(table: DmaTable, memfd: int) -> None:

@@ -81,11 +81,15 @@ def icmp_from(src: str) -> bytes:
     return bytes(Ether(src=APP_MAC, dst=PEER_MAC) / IP(src=src, dst="192.0.2.1") / ICMP())
 
 
-def arp_from(psrc: str) -> bytes:
+def arp_from(psrc: str, eth_src: str = APP_MAC, hwsrc: str = APP_MAC, op: int = 1) -> bytes:
     return bytes(
-        Ether(src=APP_MAC, dst="ff:ff:ff:ff:ff:ff")
-        / ARP(op=1, hwsrc=APP_MAC, psrc=psrc, hwdst="00:00:00:00:00:00", pdst="192.0.2.1")
+        Ether(src=eth_src, dst="ff:ff:ff:ff:ff:ff")
+        / ARP(op=op, hwsrc=hwsrc, psrc=psrc, hwdst="00:00:00:00:00:00", pdst="192.0.2.1")
     )
+
+
+def mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
 
 
 def targets(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -361,7 +365,12 @@ def tx_table() -> FilterTable:
     table.add_tx(1, Match(ip_proto=UDP_, ip=ip4("10.0.0.2"), port=53))
     table.add_tx(1, Match(ip_proto=ICMP_, ip=ip4("10.0.0.2")))
     table.add_tx(2, Match(ip_proto=TCP_, ip=ip4("10.0.0.2")))
+    table.add_tx(3, Match(ip_proto=UDP_, ip=ip4("10.0.0.2"), port=54))
     table.grant_address(1, ip4("10.0.0.2"))
+    table.grant_address(3, ip4("10.0.0.2"))
+    # Functions of one NIC share its MAC; function 3 was never granted one.
+    table.grant_mac(1, mac(APP_MAC))
+    table.grant_mac(2, mac(APP_MAC))
     return table
 
 
@@ -386,6 +395,14 @@ TX_CASES = [
     ("arp from granted address", 1, arp_from("10.0.0.2"), True),
     ("arp from ungranted address", 1, arp_from("10.0.0.9"), False),
     ("arp from function without grant", 2, arp_from("10.0.0.2"), False),
+    ("forged ethernet source", 1, bytes(Ether(src=PEER_MAC) / IP(src="10.0.0.2", dst="192.0.2.1")
+                                        / UDP(sport=53, dport=9)), False),
+    ("arp with forged sender mac", 1, arp_from("10.0.0.2", hwsrc=PEER_MAC), False),
+    ("arp reply with forged sender mac", 1, arp_from("10.0.0.2", hwsrc=PEER_MAC, op=2), False),
+    ("arp with forged ethernet source", 1, arp_from("10.0.0.2", eth_src=PEER_MAC), False),
+    ("arp reply from granted mac and ip", 1, arp_from("10.0.0.2", op=2), True),
+    ("function without a mac grant", 3, udp_from("10.0.0.2", 54), False),
+    ("arp from function without a mac grant", 3, arp_from("10.0.0.2"), False),
     ("ipv6", 1, bytes(Ether(src=APP_MAC, dst=PEER_MAC) / IPv6(src="2001:db8::1")), False),
     ("lldp", 1, bytes(Ether(src=APP_MAC, dst=PEER_MAC, type=0x88CC) / (b"x" * 40)), False),
     ("unknown function", 9, udp_from("10.0.0.2", 53), False),
@@ -406,6 +423,35 @@ def test_check_tx(
     assert tx_table.check_tx(function_id, memoryview(frame)) is allowed
     verdict = tx_table.classify_tx(function_id, frame)
     assert (verdict != TX_REFUSED) is allowed
+
+
+def test_mac_grant_checks_and_removal(tx_table: FilterTable) -> None:
+    with pytest.raises(InvalidMatch):
+        tx_table.grant_mac(1, b"\x02\x00\x00")
+    with pytest.raises(InvalidMatch):
+        tx_table.grant_mac(1, mac("01:00:5e:00:00:01"))  # a group address is no source
+    with pytest.raises(InvalidMatch):
+        tx_table.grant_mac(-1, mac(APP_MAC))
+    tx_table.grant_mac(3, mac(PEER_MAC))
+    assert tx_table.check_tx(3, bytes(Ether(src=PEER_MAC) / IP(src="10.0.0.2", dst="192.0.2.1") / UDP(sport=54, dport=9)))
+    assert not tx_table.check_tx(3, udp_from("10.0.0.2", 54))  # APP_MAC is not 3's any more
+    tx_table.remove_function(1)
+    tx_table.add_tx(1, Match(ip=ip4("10.0.0.2")))
+    assert not tx_table.check_tx(1, udp_from("10.0.0.2", 53))  # the MAC grant went with it
+
+
+def test_forged_sources_count_as_spoofed(tx_table: FilterTable) -> None:
+    forged = [
+        bytes(Ether(src=PEER_MAC) / IP(src="10.0.0.2", dst="192.0.2.1") / UDP(sport=53, dport=9)),
+        arp_from("10.0.0.2", hwsrc=PEER_MAC),
+        arp_from("10.0.0.9"),
+    ]
+    for frame in forged:
+        verdict = tx_table.classify_tx(1, frame)
+        assert verdict == TX_REFUSED
+        tx_table.record_tx(1, verdict, len(frame), sent=False)
+    counters = tx_table.function_counters(1)
+    assert (counters["tx_spoofed"], counters["tx_packets"]) == (3, 0)
 
 
 def test_rx_counters() -> None:
@@ -479,7 +525,8 @@ _ETHER_PREFIX = st.sampled_from([b"\x08\x00", b"\x08\x06", b"\x86\xdd", b"\x00\x
 @st.composite
 def frames(draw: st.DrawFn) -> bytes:
     # Mostly IPv4/ARP-shaped frames, so the fuzzing reaches past the EtherType check.
-    macs = draw(st.binary(min_size=12, max_size=12))
+    # Often the granted source MAC, so the fuzzing reaches past the source check too.
+    macs = draw(st.one_of(st.just(mac(PEER_MAC) + mac(APP_MAC)), st.binary(min_size=12, max_size=12)))
     ethertype = draw(_ETHER_PREFIX)
     first = draw(st.sampled_from([b"\x45", b"\x46", b"\x4f", b"\x41", b"\x00\x01"]))
     body = draw(st.binary(max_size=80))
@@ -490,6 +537,8 @@ def _build_fuzz_table() -> FilterTable:
     table = build_rx_table()
     table.add_tx(1, Match(ip_proto=UDP_, ip=ip4("10.0.0.2"), port=53))
     table.add_tx(2, Match(ip=ip4("10.0.0.2")))
+    table.grant_mac(1, mac(APP_MAC))
+    table.grant_mac(2, mac(APP_MAC))
     return table
 
 

@@ -43,8 +43,10 @@ class FakeDevice:
 
     def __init__(self) -> None:
         self.dma_table = DmaTable(max_maps=8)
-        self.bar_fd = os.memfd_create("h1-bar0", os.MFD_CLOEXEC)
+        self.bar_fd = os.memfd_create("h1-bar0", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.bar_fd, BAR_SIZE)
+        # The server hands out only memory whose size the client cannot change.
+        fcntl.fcntl(self.bar_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.bar = mmap.mmap(self.bar_fd, BAR_SIZE)
         self.doorbells: queue.Queue[tuple[int, bytes]] = queue.Queue()
         self.irq_fds: dict[int, int] = {}

@@ -12,6 +12,7 @@ The data path (what a ring's descriptors mean) and which rings exist are the sub
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -20,11 +21,15 @@ from typing import ClassVar, Protocol, Self
 
 from vdev import layout
 from vdev.dma import DmaFault, DmaTable
+from vdev.eventfd_signal import shared_signaller
 from vdev.ring import DeviceRing, Registers, is_valid_ring_size
 from vdev.vfio_user.server import DeviceInfo, IrqInfo, RegionInfo
 from vdev.vfio_user.wire import VfioError
 
-EVENTFD_ONE = (1).to_bytes(8, "little")  # what one write(2) to an eventfd adds
+# The seals of every memfd a function hands to its driver (BAR0): its size can never change,
+# so the device host's own mapping of it can never fault (a truncated shared file turns the
+# next access into SIGBUS), and the driver cannot add or remove seals (F_SEAL_SEAL).
+HANDED_OUT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 # vfio-user device info: a PCI device with the nine standard regions and five IRQ types
 # (linux/vfio.h: VFIO_PCI_NUM_REGIONS, VFIO_PCI_NUM_IRQS).
@@ -90,9 +95,12 @@ class DeviceFunction:
         self.max_frame = max_frame
         self.dma_table = DmaTable()
         self.dma_table.on_unmap(self._on_unmap)
-        self._bar_fd = os.memfd_create(f"{self.BAR_NAME}-fn{config.function_id}-bar0", os.MFD_CLOEXEC)
+        self._bar_fd = os.memfd_create(
+            f"{self.BAR_NAME}-fn{config.function_id}-bar0", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
         try:
             os.ftruncate(self._bar_fd, layout.BAR0_SIZE)
+            fcntl.fcntl(self._bar_fd, fcntl.F_ADD_SEALS, HANDED_OUT_SEALS)
             self._bar = mmap.mmap(self._bar_fd, layout.BAR0_SIZE)
         except OSError:
             os.close(self._bar_fd)
@@ -149,7 +157,7 @@ class DeviceFunction:
             self._ring_error(ring_index, layout.RING_ERR_SETUP)
             return None
         descs = memoryview(buffer)[offset : offset + nbytes]
-        return DeviceRing(regs, ring_index, descs, ring_size, desc)
+        return DeviceRing(regs, ring_index, descs, ring_size, desc, ring_iova)
 
     def _ring_error(self, ring_index: int, code: int) -> None:
         self.counters.ring_errors += 1
@@ -161,11 +169,16 @@ class DeviceFunction:
         self.regs.write64(layout.REG_IOMMU_FAULTS, self.counters.iommu_faults)
 
     def _signal_irq(self, fd: int) -> None:
+        # Never write(2) the driver's eventfd: it shares its O_NONBLOCK flag with the
+        # driver, which could make the write block forever (see vdev.eventfd_signal). A
+        # refused signal (cannot happen to a checked eventfd) only costs the driver latency:
+        # it sleeps with a timeout.
         try:
-            os.write(fd, EVENTFD_ONE)
+            signalled = shared_signaller().signal(fd)
+        except OSError:
+            signalled = False
+        if signalled:
             self.counters.irqs += 1
-        except BlockingIOError:
-            pass  # the counter is saturated: the driver has a wakeup pending anyway
 
     # ---- vfio-user DeviceModel -------------------------------------------------------------
 
@@ -209,11 +222,17 @@ class DeviceFunction:
             for fd in fds:
                 os.close(fd)
             raise VfioError(errno.EINVAL, "no such interrupt vectors")
+        try:
+            shared_signaller()  # interrupts are raised through it: refuse now if it cannot be
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise VfioError(errno.ENOTSUP, f"interrupts unavailable: {exc.strerror}") from None
         for offset, fd in enumerate(fds):
             old = self._irq_fds[start + offset]
             if old is not None:
                 os.close(old)
-            os.set_blocking(fd, False)
+            # The fd is left exactly as the driver sent it: its flags are the driver's.
             self._irq_fds[start + offset] = fd
 
     def clear_irqs(self, index: int, start: int, count: int) -> None:

@@ -47,6 +47,10 @@ TX1, ... (``ring_index = 2 * queue + direction``); the VSIC has request queue q 
     0x24  u32   reserved
     0x28  u64   error_completions device     descriptors completed with a nonzero status
 
+The device reads ``ring_iova`` and ``ring_size`` once, when it picks up ``enable``, and
+works from its own copy from then on (which memory a DMA_UNMAP takes the ring from
+included): rewriting them changes nothing until the ring is disabled and enabled again.
+
 The counters ``prod`` and ``cons`` only move forward (modulo 2**32, as in netmap and
 virtio). Descriptors in ``[cons, prod)`` belong to the device, the rest to the driver.
 A ``prod`` more than ``ring_size`` ahead of ``cons`` is a driver bug: the device sets

@@ -83,12 +83,18 @@ class DeviceRing:
     """The device's half of one ring.
 
     ``descs`` is a view of the descriptor array inside the driver's DMA memory, already
-    checked by the caller to lie inside one DMA mapping. The device keeps its own copy of
-    ``cons``; the register is only ever written from it, never read back.
+    checked by the caller to lie inside one DMA mapping, and ``iova`` where it starts: the
+    ring's configuration as it was when the ring was enabled. The device decides everything
+    about the ring from these private copies (which memory an unmap takes away, for one),
+    never from the driver-writable RING_IOVA/RING_SIZE registers, which the driver may
+    have rewritten since. The device keeps its own copy of ``cons`` too; the register is
+    only ever written from it, never read back.
     """
 
     __slots__ = (
         "regs",
+        "iova",
+        "nbytes",
         "descs",
         "size",
         "mask",
@@ -104,11 +110,19 @@ class DeviceRing:
     )
 
     def __init__(
-        self, regs: Registers, ring_index: int, descs: memoryview, size: int, desc: struct.Struct
+        self,
+        regs: Registers,
+        ring_index: int,
+        descs: memoryview,
+        size: int,
+        desc: struct.Struct,
+        iova: int = 0,
     ) -> None:
         if descs.nbytes != size * desc.size:
             raise ValueError("descriptor view does not match the ring size")
         self.regs = regs
+        self.iova = iova
+        self.nbytes = descs.nbytes
         self.descs = descs
         self.size = size
         self.mask = size - 1
@@ -123,6 +137,10 @@ class DeviceRing:
         # would lose posted work, so the device starts from whatever cons says (0 after reset).
         self.cons = regs.u32[self._cons_at]
         self.error_completions = 0
+
+    def overlaps(self, iova: int, size: int) -> bool:
+        """Whether the descriptor array shares a byte with IOVA range [iova, iova+size)."""
+        return self.iova < iova + size and iova < self.iova + self.nbytes
 
     def pending(self) -> int:
         """Descriptors posted and not yet completed; -1 if the driver's prod is impossible."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -46,6 +47,14 @@ DEFAULT_RECV_SIZE: Final = 64 * 1024
 OUTPUT_LIMIT_REPLIES: Final = 4
 
 _EVENTFD_LINK: Final = "anon_inode:[eventfd]"
+# Every send and receive is non-blocking by its own flags, not only by the socket's
+# O_NONBLOCK: the device host must never sleep on a socket whose other end an app holds,
+# whoever may have changed the file's flags. No SIGPIPE for a client that went away.
+_SEND_FLAGS: Final = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+# What a region fd must be sealed with before a client gets it: the client holds the same
+# file, and a size it could change under the device's own mapping is a SIGBUS in the device
+# host (F_SEAL_SEAL: nor may it add seals, e.g. F_SEAL_WRITE against the device).
+REQUIRED_REGION_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class DeviceModel(Protocol):
@@ -92,6 +101,14 @@ def _is_eventfd(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == _EVENTFD_LINK
     except OSError:
         return False
+
+
+def _is_sealed(fd: int) -> bool:
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return seals & REQUIRED_REGION_SEALS == REQUIRED_REGION_SEALS
 
 
 def _one_bit(value: int) -> bool:
@@ -246,6 +263,9 @@ class ServerSession:
         reply, send_fd = wire.encode_region_info_reply(argsz, index, region)
         if send_fd and region.fd is None:
             raise VfioError(errno.EIO, f"region {index} is mmappable but has no fd")
+        if send_fd and region.fd is not None and not _is_sealed(region.fd):
+            # Whatever the device model: nothing resizable ever leaves the device host.
+            raise VfioError(errno.EIO, f"region {index}'s memory is not sealed; not handed out")
         return reply, region.fd if send_fd else None
 
     def _get_irq_info(self, payload: bytes, fds: list[int]) -> tuple[bytes, int | None]:
@@ -401,7 +421,7 @@ class VfioUserServerConnection:
     def _read_once(self) -> None:
         try:
             data, ancillary, msg_flags, _ = self.sock.recvmsg(
-                self._recv_size, self._ancillary_size, socket.MSG_CMSG_CLOEXEC
+                self._recv_size, self._ancillary_size, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
             )
         except (BlockingIOError, InterruptedError):
             return
@@ -461,11 +481,11 @@ class VfioUserServerConnection:
                 if pending.fds:
                     # fds ride on the first byte of the message (spec, "fds").
                     rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", pending.fds))]
-                    sent = self.sock.sendmsg([pending.data], rights, socket.MSG_NOSIGNAL)
+                    sent = self.sock.sendmsg([pending.data], rights, _SEND_FLAGS)
                     close_fds(pending.fds)
                     pending.fds = []
                 else:
-                    sent = self.sock.send(pending.data, socket.MSG_NOSIGNAL)
+                    sent = self.sock.send(pending.data, _SEND_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return
             self._output_bytes -= sent

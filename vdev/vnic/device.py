@@ -54,6 +54,8 @@ class VnicDevice:
         filter_ids: list[int] = []
         try:
             self.filters.grant_address(config.function_id, config.ipv4)
+            # Anti-spoofing covers the Ethernet layer too: frames from the function's MAC only.
+            self.filters.grant_mac(config.function_id, config.mac)
             for match in rx_matches:
                 filter_ids.append(self.filters.add_rx(config.function_id, 0, match))
                 # Transmit: the same protocol and port, from the function's own address only.

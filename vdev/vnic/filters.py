@@ -13,6 +13,11 @@ director would hold them:
   every function granted the ARP target address and also to the default function, which
   belongs to the control plane (it answers ARP for the NIC's addresses); a function may
   transmit ARP only with a granted sender address.
+* **MAC grants** say which Ethernet address a function sends from. Every frame a function
+  transmits must carry it as its Ethernet source, and an ARP frame also as its sender
+  hardware address: a forged one would teach the bridge's forwarding table and the
+  neighbours' ARP caches to send someone else's traffic here. A function without a MAC
+  grant sends nothing.
 * **Transmit filters** are the same predicates on *source* fields: a function may send an
   IPv4 frame only if one of its transmit filters matches (protocol, source IP, source port).
 * Frames that match nothing, and anything that is not a well-formed frame, go to the
@@ -77,7 +82,9 @@ MAX_PRIORITY: Final = 0xFFFF  # OpenFlow priorities are u16 as well
 _ETH_IPV4: Final = struct.Struct("!12xHBxH2xHxB2x4s4s")
 # ARP for IPv4 over Ethernet (RFC 826): ethertype @12, htype @14, ptype @16, hlen @18,
 # plen @19, oper @20, sender MAC @22, sender IP @28, target MAC @32, target IP @38.
-_ETH_ARP: Final = struct.Struct("!12xHHHBBH6x4s6x4s")
+_ETH_ARP: Final = struct.Struct("!12xHHHBBH6s4s6x4s")
+# The Ethernet source address, bytes 6..12 of the header.
+_ETH_SOURCE: Final = slice(6, 12)
 _ETHERTYPE: Final = struct.Struct("!H")
 # UDP (RFC 768) and TCP (RFC 9293 3.1) both start with source port, destination port.
 _PORTS: Final = struct.Struct("!HH")
@@ -230,6 +237,7 @@ class FilterTable:
         self._tx_exact: dict[_ExactKey, _Rule] = {}
         self._tx_wildcards: dict[int, list[_Rule]] = {}  # function -> rules
         self._grants: dict[int, set[bytes]] = {}  # function -> addresses
+        self._macs: dict[int, bytes] = {}  # function -> the Ethernet address it sends from
         self._arp_targets: dict[bytes, _Route] = {}  # address -> copies
         self._counters: dict[int, _FunctionCounters] = {}
         self._unmatched = 0
@@ -304,6 +312,17 @@ class FilterTable:
         self._counters.setdefault(function_id, _FunctionCounters())
         self._rebuild_arp_target(ip)
 
+    def grant_mac(self, function_id: int, mac: bytes) -> None:
+        """``function_id`` sends from Ethernet address ``mac`` (replacing an earlier grant):
+        the only source its frames, and sender its ARP frames, may carry."""
+        self._check_function(function_id)
+        if not isinstance(mac, bytes) or len(mac) != 6:
+            raise InvalidMatch(f"mac must be 6 bytes, got {mac!r}")
+        if mac[0] & 0x01:
+            raise InvalidMatch("a group (multicast) address is never a source")
+        self._macs[function_id] = mac
+        self._counters.setdefault(function_id, _FunctionCounters())
+
     def revoke_address(self, function_id: int, ip: bytes) -> None:
         addresses = self._grants.get(function_id)
         if addresses is None or ip not in addresses:
@@ -336,6 +355,7 @@ class FilterTable:
         for filter_id in removed:
             self.remove(filter_id)
         self._tx_wildcards.pop(function_id, None)
+        self._macs.pop(function_id, None)
         for ip in self._grants.pop(function_id, set()):
             self._rebuild_arp_target(ip)
         self._counters.pop(function_id, None)
@@ -399,18 +419,27 @@ class FilterTable:
         """The transmit verdict: the id of the filter that allows the frame,
         :data:`ADDRESS_GRANT` for a granted ARP frame, or :data:`TX_REFUSED`. Never raises.
 
+        Every frame must come from the function's granted MAC; an ARP frame must also name
+        it as the sender hardware address, with a granted sender IPv4 address.
         A non-first IPv4 fragment has no ports, so only a filter without a port allows it;
         the libOS sets DF and does not fragment.
         """
         length = len(frame)
         if length < _ETH_IPV4.size:
             return TX_REFUSED
+        mac = self._macs.get(function_id)
+        if mac is None or frame[_ETH_SOURCE] != mac:
+            return TX_REFUSED
         ethertype, version_ihl, total_length, fragment, proto, src, _dst = _ETH_IPV4.unpack_from(
             frame
         )
         if ethertype == ETHERTYPE_ARP:
-            sender = _arp_addresses(frame, length)
-            if sender is not None and sender[0] in self._grants.get(function_id, ()):
+            sender = _arp_sender(frame, length)
+            if (
+                sender is not None
+                and sender[0] == mac
+                and sender[1] in self._grants.get(function_id, ())
+            ):
                 return ADDRESS_GRANT
             return TX_REFUSED
         if ethertype != ETHERTYPE_IPV4:
@@ -624,13 +653,16 @@ def _wildcard_order(rule: _Rule) -> tuple[int, int]:
     return (rule.priority, rule.filter_id)
 
 
-def _arp_addresses(
+def _arp_fields(
     frame: bytes | bytearray | memoryview, length: int
-) -> tuple[bytes, bytes] | None:
-    """(sender IP, target IP) of a well-formed ARP-for-IPv4-over-Ethernet frame, else None."""
+) -> tuple[bytes, bytes, bytes] | None:
+    """(sender MAC, sender IP, target IP) of a well-formed ARP-for-IPv4-over-Ethernet
+    frame, else None."""
     if length < _ETH_ARP.size:
         return None
-    _ethertype, htype, ptype, hlen, plen, oper, sender, target = _ETH_ARP.unpack_from(frame)
+    _ethertype, htype, ptype, hlen, plen, oper, sender_mac, sender, target = _ETH_ARP.unpack_from(
+        frame
+    )
     if (
         htype != _ARP_HTYPE_ETHERNET
         or ptype != ETHERTYPE_IPV4
@@ -639,4 +671,20 @@ def _arp_addresses(
         or oper not in _ARP_OPERATIONS
     ):
         return None
-    return sender, target
+    return sender_mac, sender, target
+
+
+def _arp_addresses(
+    frame: bytes | bytearray | memoryview, length: int
+) -> tuple[bytes, bytes] | None:
+    """(sender IP, target IP) of a well-formed ARP frame (see ``_arp_fields``), else None."""
+    fields = _arp_fields(frame, length)
+    return None if fields is None else (fields[1], fields[2])
+
+
+def _arp_sender(
+    frame: bytes | bytearray | memoryview, length: int
+) -> tuple[bytes, bytes] | None:
+    """(sender MAC, sender IP) of a well-formed ARP frame (see ``_arp_fields``), else None."""
+    fields = _arp_fields(frame, length)
+    return None if fields is None else (fields[0], fields[1])

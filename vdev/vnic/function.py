@@ -138,13 +138,11 @@ class VnicFunction(DeviceFunction):
     def _on_unmap(self, iova: int, size: int) -> None:
         # The driver is taking memory away: stop every ring inside it before the mapping
         # goes, so the device never touches unmapped memory (vfio-user DMA_UNMAP rule).
+        # Where a ring lives is the device's own record of it, taken when the ring was
+        # enabled: the RING_IOVA register is the driver's to rewrite at any time.
         for rings in (self.rx_rings, self.tx_rings):
             for queue, ring in enumerate(rings):
-                if ring is None:
-                    continue
-                ring_index = layout.vnic_ring_index(queue, layout.RX if rings is self.rx_rings else layout.TX)
-                ring_iova = self.regs.read64(layout.ring_reg(ring_index, layout.RING_IOVA))
-                if iova <= ring_iova < iova + size:
+                if ring is not None and ring.overlaps(iova, size):
                     ring.descs.release()
                     self._fail_ring(rings, queue, layout.RING_ERR_UNMAPPED)
 

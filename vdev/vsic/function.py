@@ -238,8 +238,7 @@ class VsicFunction(DeviceFunction):
         for queue, ring in enumerate(self.rings):
             if ring is None:
                 continue
-            ring_iova = self.regs.read64(layout.ring_reg(queue, layout.RING_IOVA))
-            if iova <= ring_iova < iova + size:
+            if ring.overlaps(iova, size):  # the device's copy, not the driver's register
                 self.fail_ring(queue, layout.RING_ERR_UNMAPPED)
 
     # ---- data path ------------------------------------------------------------------
