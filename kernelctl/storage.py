@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from kernelctl.names import Topology
 from kernelctl.registry import BLOCK_SIZE, Registry, RegistryError, Vsa
+from vdev import control
 from vm_images import images
 from vm_images import instance as instance_images
 
@@ -68,32 +70,24 @@ class StoragePlane:
             raise StorageRequestError("storage is not up")
         return self.registry
 
-    def handle(self, op: str, uid: int, message: dict[str, Any]) -> object:
+    def handle(self, request: control.Record, uid: int) -> object:
+        """One checked VSA request (``vdev.control``) from ``uid``, by its handler in a table."""
         registry = self._registry()
+        handlers: dict[type[control.Record], Callable[[Registry, Any, int], object]] = {
+            control.VsaCreate: lambda r, q, u: vsa_dict(r.create_vsa(q.name, q.size_bytes, u)),
+            control.VsaResize: lambda r, q, u: vsa_dict(r.resize_vsa(q.name, q.size_bytes, u)),
+            control.VsaDelete: lambda r, q, u: r.delete_vsa(q.name, u),
+            control.VsaList: lambda r, q, u: _vsa_list(r),
+            control.VsaGrant: lambda r, q, u: vsa_dict(r.grant(q.name, q.uid, q.mode, u)),
+            control.VsaRevoke: lambda r, q, u: vsa_dict(r.revoke(q.name, q.uid, u)),
+        }
+        handler = handlers.get(type(request))
+        if handler is None:
+            raise StorageRequestError(f"not a storage request: {request.OP!r}")
         try:
-            if op == "vsa_create":
-                return vsa_dict(registry.create_vsa(_name(message), _size(message), uid))
-            if op == "vsa_resize":
-                return vsa_dict(registry.resize_vsa(_name(message), _size(message), uid))
-            if op == "vsa_delete":
-                registry.delete_vsa(_name(message), uid)
-                return None
-            if op == "vsa_list":
-                return {
-                    "vsas": [vsa_dict(v) for v in registry.list()],
-                    "capacity_bytes": registry.capacity_blocks * BLOCK_SIZE,
-                    "free_bytes": registry.free_blocks() * BLOCK_SIZE,
-                }
-            if op == "vsa_grant":
-                mode = message.get("mode")
-                if mode not in ("ro", "rw"):
-                    raise StorageRequestError("mode is 'ro' or 'rw'")
-                return vsa_dict(registry.grant(_name(message), _uid(message), mode, uid))
-            if op == "vsa_revoke":
-                return vsa_dict(registry.revoke(_name(message), _uid(message), uid))
+            return handler(registry, request, uid)
         except RegistryError as exc:
             raise StorageRequestError(str(exc)) from None
-        raise StorageRequestError(f"unknown request {op!r}")
 
     def check_access(self, name: str, uid: int, write: bool) -> Vsa:
         try:
@@ -123,22 +117,9 @@ def purge(topo: Topology) -> None:
     shutil.rmtree(topo.state_dir, ignore_errors=True)
 
 
-def _name(message: dict[str, Any]) -> str:
-    name = message.get("name")
-    if not isinstance(name, str):
-        raise StorageRequestError("name must be a string")
-    return name
-
-
-def _size(message: dict[str, Any]) -> int:
-    size = message.get("size_bytes")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_VSA_BYTES:
-        raise StorageRequestError(f"size_bytes must be 1..{MAX_VSA_BYTES}")
-    return size
-
-
-def _uid(message: dict[str, Any]) -> int:
-    uid = message.get("uid")
-    if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
-        raise StorageRequestError("uid must be a non-negative number")
-    return uid
+def _vsa_list(registry: Registry) -> dict[str, object]:
+    return {
+        "vsas": [vsa_dict(v) for v in registry.list()],
+        "capacity_bytes": registry.capacity_blocks * BLOCK_SIZE,
+        "free_bytes": registry.free_blocks() * BLOCK_SIZE,
+    }
