@@ -57,6 +57,9 @@ class ControlClient:
             received = control.recv_blocking(self._sock)
         except TimeoutError:
             raise ControlError("kernelctl did not answer in time") from None
+        except ConnectionResetError:
+            # A refused connection: the reset is reported before the reason queued with it.
+            raise ControlError(self._refusal() or "kernelctl reset the control connection") from None
         except (OSError, control.ProtocolError) as exc:
             raise ControlError(f"bad answer from kernelctl: {exc}") from None
         if received is None:

@@ -24,6 +24,7 @@ global ones):
 * functions: ``MAX_FUNCTIONS_PER_UID`` = 16 per uid (VNIC and VSIC together); each device
   host holds ``vdev.hostloop.MAX_FUNCTIONS`` = 64, the last ``ROOT_RESERVED_FUNCTIONS`` = 8
   for root only;
+* per uid: one request served per loop turn, however many connections it has;
 * per connection: 1 pending reply, ``REPLY_DEADLINE`` = 5 s to read it, one request of at
   most ``vdev.control.MAX_REQUEST`` bytes being assembled, ``DATAGRAMS_PER_TURN`` = 64
   datagrams read per loop turn;
@@ -195,6 +196,7 @@ class Daemon:
 
     def run(self) -> None:
         while self.running:
+            served: set[int] = set()
             for key, mask in self.selector.select(timeout=0.5):
                 # Nothing a caller or a device host does may end this loop: a failure is
                 # logged, and the caller it concerns (if any) got an error reply.
@@ -202,7 +204,13 @@ class Daemon:
                     if key.data == "listener":
                         self._accept()
                     elif isinstance(key.data, Caller):
-                        self._on_caller(key.data, mask)
+                        # One request per uid per turn, not per connection: a uid with many
+                        # connections gets no more of the daemon than a uid with one.
+                        caller = key.data
+                        if caller.uid in served:
+                            mask &= ~selectors.EVENT_READ
+                        if self._on_caller(caller, mask):
+                            served.add(caller.uid)
                     elif key.data in self.hosts:
                         self._on_host_events(key.data)
                 except Exception:
@@ -304,17 +312,22 @@ class Daemon:
             return f"uid {uid} already holds {held} control connections (limit {MAX_CLIENTS_PER_UID})"
         return ""
 
-    def _on_caller(self, caller: Caller, mask: int) -> None:
+    def _on_caller(self, caller: Caller, mask: int) -> bool:
+        """Write what waits for the caller, then read (and answer) at most one request;
+        whether a request was served."""
         if caller.dropped:
-            return
+            return False
         if mask & selectors.EVENT_WRITE:
             self._flush(caller)
         if caller.dropped or caller.channel.pending or not mask & selectors.EVENT_READ:
-            return  # no new request while a reply waits: one pending reply per caller
+            return False  # no new request while a reply waits: one pending reply per caller
+        served = False
         for incoming in caller.channel.receive(max_messages=1, max_datagrams=DATAGRAMS_PER_TURN):
             self._serve(caller, incoming)
+            served = True
         if caller.channel.closed and not caller.dropped:
             self._drop_caller(caller)
+        return served
 
     def _serve(self, caller: Caller, incoming: control.Incoming) -> None:
         """Answer one request; whatever happens, the caller gets a reply and the loop goes on."""

@@ -122,13 +122,17 @@ def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:
         raise ProtocolError(f"JSON nested deeper than {limit} levels")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
+
+
 def decode_json(data: bytes) -> dict[str, Any]:
     """One message's JSON object, after the size and depth checks."""
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes (at most {MAX_MESSAGE})")
     check_depth(data)
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # RecursionError cannot happen after check_depth
         raise ProtocolError(f"not JSON: {exc}") from None
     if not isinstance(value, dict):
