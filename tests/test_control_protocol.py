@@ -86,7 +86,7 @@ def test_any_fields_give_a_record_or_a_refusal_with_the_id(op: str, fields: dict
 
 
 def test_records_check_types_and_ranges_when_built_in_python_too() -> None:
-    assert control.OpenVnic(filters=[control.Filter("udp", 5000)]).filters == (control.Filter("udp", 5000),)
+    assert control.OpenVnic(filters=[control.Filter("udp", 5000)]).filters == (control.Filter("udp", 5000),)  # type: ignore[arg-type]
     with pytest.raises(control.ProtocolError, match="port must be an integer in"):
         control.Filter("udp", 0)
     with pytest.raises(control.ProtocolError, match="must be true or false"):
@@ -94,9 +94,9 @@ def test_records_check_types_and_ranges_when_built_in_python_too() -> None:
     with pytest.raises(control.ProtocolError, match="filters must be a list of 1..64"):
         control.OpenVnic(filters=())
     with pytest.raises(control.ProtocolError, match="name must be a string of 0..64"):
-        control.OpenVnic(filters=[control.Filter("tcp", 1)], name="n" * 65)
+        control.OpenVnic(filters=(control.Filter("tcp", 1),), name="n" * 65)
     with pytest.raises(control.ProtocolError, match="rx_bps"):
-        control.SetRate(function_id=1, rx_bps=True)  # type: ignore[arg-type]
+        control.SetRate(function_id=1, rx_bps=True)
     with pytest.raises(control.ProtocolError, match=r"extents\[0\]\[1\]"):
         control.VsicCreateFunction.from_fields({"function_id": 1, "extents": [[1, -1]]})
 
