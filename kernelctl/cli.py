@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from kernelctl import storage, tc, topology
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
+from vdev import control
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -95,7 +97,7 @@ def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
     if _reachable(topo):
         try:
             with ControlClient(topo.control_socket, timeout=5.0) as client:
-                client.request("shutdown")
+                client.call(control.Shutdown())
         except (ControlError, OSError) as exc:
             print(f"kernelctl: shutdown request failed ({exc}); stopping it by signal", file=sys.stderr)
     if pid is not None:
@@ -242,19 +244,25 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (try 64M or 1G)") from None
 
 
+_VSA_REQUESTS: dict[str, Callable[[argparse.Namespace], control.Record]] = {
+    "create": lambda args: control.VsaCreate(name=args.name, size_bytes=args.size),
+    "resize": lambda args: control.VsaResize(name=args.name, size_bytes=args.size),
+    "delete": lambda args: control.VsaDelete(name=args.name),
+    "ls": lambda args: control.VsaList(),
+    "grant": lambda args: control.VsaGrant(name=args.name, uid=args.uid, mode=args.mode),
+    "revoke": lambda args: control.VsaRevoke(name=args.name, uid=args.uid),
+}
+
+
 def cmd_vsa(topo: Topology, args: argparse.Namespace) -> int:
-    fields: dict[str, Any] = {}
-    if args.vsa_command in ("create", "resize"):
-        fields = {"name": args.name, "size_bytes": args.size}
-    elif args.vsa_command == "delete":
-        fields = {"name": args.name}
-    elif args.vsa_command == "grant":
-        fields = {"name": args.name, "uid": args.uid, "mode": args.mode}
-    elif args.vsa_command == "revoke":
-        fields = {"name": args.name, "uid": args.uid}
+    try:
+        body = _VSA_REQUESTS[args.vsa_command](args)
+    except control.ProtocolError as exc:
+        print(f"kernelctl: {exc}", file=sys.stderr)
+        return 2
     try:
         with ControlClient(topo.control_socket, timeout=10.0) as client:
-            result, _fds = client.request(f"vsa_{'list' if args.vsa_command == 'ls' else args.vsa_command}", **fields)
+            result, _fds = client.call(body)
     except ControlError as exc:
         print(f"kernelctl: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,27 @@ host talk directly (vfio-user and shared memory); the daemon only hears about th
 again when it goes away, either from the device host (the application's vfio-user socket
 closed) or because the application's control connection closed. Whichever comes first
 reclaims the function's ports, filters and tc classes.
+
+Every request is a checked record of ``vdev.control.CONTROL`` and its handler comes from
+``Daemon.handlers``, a table keyed by record class. The daemon is one selector loop and never
+blocks on a caller: replies are queued on the caller's non-blocking ``Channel`` and written
+as its socket takes them; while a reply waits, that caller's next request is not read (one
+pending reply per connection), and a caller that has not taken its reply within
+``REPLY_DEADLINE`` seconds is dropped. No exception from a handler leaves the loop: the
+caller gets an error reply (a device host that does not answer within
+``kernelctl.hostproc.REQUEST_TIMEOUT`` is one such error). Bounds per uid (root: only the
+global ones):
+
+* control connections: ``MAX_CLIENTS_PER_UID`` = 32 per uid; ``MAX_CLIENTS`` = 256 in all,
+  the last ``ROOT_RESERVED_CLIENTS`` = 16 of them for root only;
+* functions: ``MAX_FUNCTIONS_PER_UID`` = 16 per uid (VNIC and VSIC together); each device
+  host holds ``vdev.hostloop.MAX_FUNCTIONS`` = 64, the last ``ROOT_RESERVED_FUNCTIONS`` = 8
+  for root only;
+* per uid: one request served per loop turn, however many connections it has;
+* per connection: 1 pending reply, ``REPLY_DEADLINE`` = 5 s to read it, one request of at
+  most ``vdev.control.MAX_REQUEST`` bytes being assembled, ``DATAGRAMS_PER_TURN`` = 64
+  datagrams read per loop turn;
+* filters per function ``MAX_FILTERS_PER_FUNCTION`` = 64 (``vdev.control.MAX_FILTERS``).
 """
 
 from __future__ import annotations
@@ -22,23 +43,34 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kernelctl import tc, topology
-from kernelctl.hostproc import DeviceHostProcess, vnic_host, vsic_host
+from kernelctl.hostproc import DeviceHostProcess, HostError, vnic_host, vsic_host
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
-from kernelctl.policy import PROTOCOLS, Policy, PolicyError
+from kernelctl.policy import Policy, PolicyError
 from kernelctl.storage import StoragePlane, StorageRequestError
-from vdev import mgmt
+from vdev import control
+from vdev.hostloop import MAX_FUNCTIONS
 
 log = logging.getLogger("kernelctl")
 
-MAX_CLIENTS = 256
-MAX_FILTERS_PER_FUNCTION = 64
-MAX_RATE_BPS = 100 * 10**9
+# Bounds on what callers can make the daemon hold (docs/security.md lists them too). Root
+# (uid 0) is bounded only by the global values; every other uid also by its own.
+MAX_CLIENTS = 256  # control connections, all uids together
+ROOT_RESERVED_CLIENTS = 16  # of MAX_CLIENTS, only root may use the last ones
+MAX_CLIENTS_PER_UID = 32  # control connections of one uid (not root)
+MAX_FUNCTIONS_PER_UID = 16  # functions of one uid (not root), VNIC and VSIC together
+ROOT_RESERVED_FUNCTIONS = 8  # of each device host's MAX_FUNCTIONS, kept for root
+REPLY_DEADLINE = 5.0  # seconds a caller has to take a reply off its socket before it is dropped
+ACCEPTS_PER_TURN = 32  # connections accepted per loop turn (the rest wait in the backlog)
+DATAGRAMS_PER_TURN = 64  # datagrams read from one caller per loop turn
+MAX_FILTERS_PER_FUNCTION = control.MAX_FILTERS
+MAX_RATE_BPS = control.MAX_RATE_BPS
 _UCRED = struct.Struct("3i")
 
 
@@ -46,13 +78,21 @@ class RequestError(Exception):
     """A control request that is refused; the message goes back to the caller."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Caller:
-    sock: socket.socket
+    """One control connection. The daemon reads no request from it while a reply to it is
+    still queued, so it holds at most one reply per caller (pending replies: 1)."""
+
+    channel: control.Channel
     pid: int
     uid: int
     gid: int
     functions: set[int] = field(default_factory=set)
+    dropped: bool = False
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.channel.sock
 
 
 @dataclass
@@ -69,6 +109,9 @@ class FunctionRecord:
     device: str = "vnic"  # which device host serves it: "vnic" or "vsic"
     vsa: str = ""  # vsic: the VSA it opened
     writable: bool = False
+
+
+Handler = Callable[["Caller", Any], tuple[object, list[int]]]
 
 
 class Daemon:
@@ -89,6 +132,24 @@ class Daemon:
         self.storage = StoragePlane(
             topo, lambda: [r.vsa for r in self.functions.values() if r.device == "vsic"], policy
         )
+        # The control protocol's ops, by record class (vdev.control.CONTROL).
+        self.handlers: dict[type[control.Record], Handler] = {
+            control.OpenVnic: self._open_vnic,
+            control.OpenVsa: self._open_vsa,
+            control.AddFilter: self._add_filter,
+            control.SetRate: self._set_rate,
+            control.Status: self._status,
+            control.Shutdown: self._shutdown,
+            control.VsaCreate: self._storage_request,
+            control.VsaResize: self._storage_request,
+            control.VsaDelete: self._storage_request,
+            control.VsaList: self._storage_request,
+            control.VsaGrant: self._storage_request,
+            control.VsaRevoke: self._storage_request,
+        }
+        missing = set(control.CONTROL.records.values()) - set(self.handlers)
+        if missing:
+            raise TypeError(f"no handler for {sorted(r.OP for r in missing)}")
 
     # ---- life cycle --------------------------------------------------------------------
 
@@ -138,14 +199,30 @@ class Daemon:
 
     def run(self) -> None:
         while self.running:
-            for key, _mask in self.selector.select(timeout=1.0):
-                if key.data == "listener":
-                    self._accept()
-                elif key.data in self.hosts:
-                    self._on_host_events(key.data)
-                else:
-                    self._on_caller(key.fileobj)  # type: ignore[arg-type]
-            self._check_hosts()
+            served: set[int] = set()
+            for key, mask in self.selector.select(timeout=0.5):
+                # Nothing a caller or a device host does may end this loop: a failure is
+                # logged, and the caller it concerns (if any) got an error reply.
+                try:
+                    if key.data == "listener":
+                        self._accept()
+                    elif isinstance(key.data, Caller):
+                        # One request per uid per turn, not per connection: a uid with many
+                        # connections gets no more of the daemon than a uid with one.
+                        caller = key.data
+                        if caller.uid in served:
+                            mask &= ~selectors.EVENT_READ
+                        if self._on_caller(caller, mask):
+                            served.add(caller.uid)
+                    elif key.data in self.hosts:
+                        self._on_host_events(key.data)
+                except Exception:
+                    log.exception("control loop")
+            try:
+                self._check_hosts()
+                self._check_deadlines()
+            except Exception:
+                log.exception("control loop")
 
     def stop(self) -> None:
         self.running = False
@@ -180,6 +257,7 @@ class Daemon:
     def _check_hosts(self) -> None:
         for kind, host in list(self.hosts.items()):
             if host.alive():
+                host.flush()
                 continue
             # A device host died (a bug, or someone killed it): its functions died with it.
             log.error("%s device host exited with %s; restarting it", kind, host.returncode())
@@ -198,119 +276,182 @@ class Daemon:
     def _accept(self) -> None:
         if self.listener is None:
             return
-        try:
-            sock, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        if len(self.callers) >= MAX_CLIENTS:
-            sock.close()
-            return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        pid, uid, gid = _UCRED.unpack(creds)
-        sock.setblocking(False)
-        caller = Caller(sock, pid, uid, gid)
-        self.callers[sock.fileno()] = caller
-        self.selector.register(sock, selectors.EVENT_READ, "caller")
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the connection waits in the backlog
+                log.warning("accept: %s", exc)
+                return
+            try:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                pid, uid, gid = _UCRED.unpack(creds)
+                refusal = self._connection_refusal(uid)
+                if refusal:
+                    # Say why, without waiting for the caller: one small datagram or nothing.
+                    try:
+                        sock.send(control.Reply(None, False, error=refusal).to_json(), socket.MSG_DONTWAIT)
+                    except OSError:
+                        pass
+                    sock.close()
+                    continue
+                caller = Caller(control.Channel(sock, max_input=control.MAX_REQUEST), pid, uid, gid)
+            except OSError as exc:
+                log.warning("accept: %s", exc)
+                sock.close()
+                continue
+            self.callers[caller.channel.fileno()] = caller
+            self.selector.register(caller.channel, selectors.EVENT_READ, caller)
 
-    def _on_caller(self, sock: socket.socket) -> None:
-        caller = self.callers.get(sock.fileno())
-        if caller is None:
+    def _connection_refusal(self, uid: int) -> str:
+        total = len(self.callers)
+        if uid == 0:
+            return f"kernelctl has {total} control connections (limit {MAX_CLIENTS})" if total >= MAX_CLIENTS else ""
+        if total >= MAX_CLIENTS - ROOT_RESERVED_CLIENTS:
+            return f"kernelctl has {total} control connections (limit {MAX_CLIENTS - ROOT_RESERVED_CLIENTS} for uids other than root)"
+        held = sum(1 for caller in self.callers.values() if caller.uid == uid)
+        if held >= MAX_CLIENTS_PER_UID:
+            return f"uid {uid} already holds {held} control connections (limit {MAX_CLIENTS_PER_UID})"
+        return ""
+
+    def _on_caller(self, caller: Caller, mask: int) -> bool:
+        """Write what waits for the caller, then read (and answer) at most one request;
+        whether a request was served."""
+        if caller.dropped:
+            return False
+        if mask & selectors.EVENT_WRITE:
+            self._flush(caller)
+        if caller.dropped or caller.channel.pending or not mask & selectors.EVENT_READ:
+            return False  # no new request while a reply waits: one pending reply per caller
+        served = False
+        for incoming in caller.channel.receive(max_messages=1, max_datagrams=DATAGRAMS_PER_TURN):
+            self._serve(caller, incoming)
+            served = True
+        if caller.channel.closed and not caller.dropped:
+            self._drop_caller(caller)
+        return served
+
+    def _serve(self, caller: Caller, incoming: control.Incoming) -> None:
+        """Answer one request; whatever happens, the caller gets a reply and the loop goes on."""
+        control.close_fds(incoming.fds)  # no request takes file descriptors
+        if incoming.payload is None:
+            self._reply(caller, control.Reply(None, False, error=f"malformed request: {incoming.error}"))
             return
         try:
-            received = mgmt.recv_message(sock)
-        except BlockingIOError:
+            request = control.CONTROL.decode(incoming.payload)
+        except control.RequestRefused as exc:
+            self._reply(caller, control.Reply(exc.request_id, False, error=str(exc)))
             return
-        except mgmt.MgmtError as exc:
-            self._send(caller, {"id": None, "ok": False, "error": f"malformed request: {exc}"})
-            return
-        except OSError:
-            received = None
-        if received is None:
-            self._drop_caller(caller)
-            return
-        message, fds = received
-        for fd in fds:  # no request takes file descriptors
-            os.close(fd)
-        request_id = message.get("id")
         reply_fds: list[int] = []
         try:
-            if fds:
+            if incoming.fds:
                 raise RequestError("requests carry no file descriptors")
-            result, reply_fds = self._handle(caller, message)
+            result, reply_fds = self.handlers[type(request.body)](caller, request.body)
         except RequestError as exc:
-            self._send(caller, {"id": request_id, "ok": False, "error": str(exc)})
+            self._reply(caller, control.Reply(request.id, False, error=str(exc)))
+        except Exception as exc:
+            log.exception("%s from uid %d", request.body.OP, caller.uid)
+            self._reply(caller, control.Reply(request.id, False, error=f"internal error: {type(exc).__name__}: {exc}"))
         else:
-            self._send(caller, {"id": request_id, "ok": True, "result": result}, reply_fds)
+            self._reply(caller, control.Reply(request.id, True, result), reply_fds)
         finally:
-            for fd in reply_fds:
-                os.close(fd)
+            control.close_fds(reply_fds)  # the channel holds its own copies until sent
 
-    def _send(self, caller: Caller, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    def _reply(self, caller: Caller, reply: control.Reply, fds: list[int] | None = None) -> None:
+        if caller.dropped:
+            return
         try:
-            caller.sock.setblocking(True)
-            caller.sock.settimeout(2.0)
-            mgmt.send_message(caller.sock, message, fds)
-            caller.sock.setblocking(False)
+            payload = reply.to_json()
+        except control.ProtocolError as exc:
+            payload = control.Reply(reply.id, False, error=f"the reply is too large: {exc}").to_json()
+            fds = None
+        try:
+            caller.channel.send(payload, fds or ())
+        except (control.ChannelFull, OSError) as exc:
+            log.warning("dropping pid %d (uid %d): %s", caller.pid, caller.uid, exc)
+            self._drop_caller(caller)
+            return
+        self._flush(caller)
+
+    def _flush(self, caller: Caller) -> None:
+        """Write what the caller's socket takes now; never wait for it."""
+        try:
+            caller.channel.flush()
         except OSError:
             self._drop_caller(caller)
+            return
+        events = selectors.EVENT_WRITE if caller.channel.pending else selectors.EVENT_READ
+        if self.selector.get_key(caller.channel).events != events:
+            self.selector.modify(caller.channel, events, caller)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for caller in list(self.callers.values()):
+            if caller.channel.pending and now - caller.channel.stalled_since > REPLY_DEADLINE:
+                log.warning(
+                    "dropping pid %d (uid %d): it read no reply for %.0f s", caller.pid, caller.uid, REPLY_DEADLINE
+                )
+                self._drop_caller(caller)
 
     def _drop_caller(self, caller: Caller) -> None:
-        fd = caller.sock.fileno()
-        if fd >= 0:
-            self.callers.pop(fd, None)
-            try:
-                self.selector.unregister(caller.sock)
-            except (KeyError, ValueError):
-                pass
-        caller.sock.close()
+        if caller.dropped:
+            return
+        caller.dropped = True
+        self.callers.pop(caller.channel.fileno(), None)
+        try:
+            self.selector.unregister(caller.channel)
+        except (KeyError, ValueError):
+            pass
+        caller.channel.close()
         for function_id in list(caller.functions):
             self._destroy_function(function_id)
 
     # ---- requests ----------------------------------------------------------------------
 
-    def _handle(self, caller: Caller, message: dict[str, Any]) -> tuple[object, list[int]]:
-        op = message.get("op")
-        if op == "open_vnic":
-            return self._open_vnic(caller, message)
-        if op == "open_vsa":
-            return self._open_vsa(caller, message)
-        if op == "add_filter":
-            return self._add_filter(caller, message), []
-        if op == "status":
-            return self.status(), []
-        if op == "set_rate":
-            return self._set_rate(caller, message), []
-        if isinstance(op, str) and op.startswith("vsa_"):
-            try:
-                return self.storage.handle(op, caller.uid, message), []
-            except StorageRequestError as exc:
-                raise RequestError(str(exc)) from None
-        if op == "shutdown":
-            if caller.uid != 0:
-                raise RequestError("only root may shut kernelctl down")
-            self.running = False
-            return None, []
-        raise RequestError(f"unknown request {op!r}")
+    def _status(self, caller: Caller, body: control.Status) -> tuple[object, list[int]]:
+        return self.status(), []
 
-    def _parse_claims(self, caller: Caller, specs: object) -> list[tuple[str, int]]:
-        if not isinstance(specs, list) or not specs:
-            raise RequestError("filters must be a non-empty list")
-        if len(specs) > MAX_FILTERS_PER_FUNCTION:
-            raise RequestError(f"at most {MAX_FILTERS_PER_FUNCTION} filters per function")
-        claims: list[tuple[str, int]] = []
-        for spec in specs:
-            if not isinstance(spec, dict):
-                raise RequestError("a filter is an object {proto, port}")
-            proto, port = spec.get("proto"), spec.get("port")
-            if proto not in PROTOCOLS:
-                raise RequestError(f"proto must be one of {', '.join(PROTOCOLS)}")
-            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-                raise RequestError(f"bad port {port!r}")
-            claims.append((str(proto), port))
-        for claim in claims:
-            self._check_claim(caller, claim)
+    def _shutdown(self, caller: Caller, body: control.Shutdown) -> tuple[object, list[int]]:
+        if caller.uid != 0:
+            raise RequestError("only root may shut kernelctl down")
+        self.running = False
+        return None, []
+
+    def _storage_request(self, caller: Caller, body: control.Record) -> tuple[object, list[int]]:
+        try:
+            return self.storage.handle(body, caller.uid), []
+        except StorageRequestError as exc:
+            raise RequestError(str(exc)) from None
+
+    def _check_function_quota(self, caller: Caller, device: str) -> None:
+        if caller.uid == 0:
+            return  # root is bounded by the device hosts' MAX_FUNCTIONS only
+        held = sum(1 for record in self.functions.values() if record.owner_uid == caller.uid)
+        if held >= MAX_FUNCTIONS_PER_UID:
+            raise RequestError(f"uid {caller.uid} already holds {held} functions (limit {MAX_FUNCTIONS_PER_UID})")
+        on_device = sum(1 for record in self.functions.values() if record.device == device)
+        if on_device >= MAX_FUNCTIONS - ROOT_RESERVED_FUNCTIONS:
+            raise RequestError(
+                f"the {device} device holds {on_device} functions; its last {ROOT_RESERVED_FUNCTIONS} "
+                f"of {MAX_FUNCTIONS} are kept for root"
+            )
+
+    def _host_request(self, kind: str, body: control.Record, fds: list[int]) -> Any:
+        host = self.hosts.get(kind)
+        if host is None:
+            raise RequestError(f"no {kind} device host")
+        try:
+            return host.request(body, fds, self._on_function_closed)
+        except HostError as exc:
+            raise RequestError(f"{kind} device host: {exc}") from None
+
+    def _check_claims(self, caller: Caller, filters: tuple[control.Filter, ...]) -> list[tuple[str, int]]:
+        claims = [(spec.proto, spec.port) for spec in filters]
         if len(set(claims)) != len(claims):
             raise RequestError("the same port is asked for twice")
+        for claim in claims:
+            self._check_claim(caller, claim)
         return claims
 
     def _check_claim(self, caller: Caller, claim: tuple[str, int]) -> None:
@@ -325,48 +466,35 @@ class Daemon:
                 f"(pid {record.owner_pid}, {record.name or 'unnamed'})"
             )
 
-    @staticmethod
-    def _rate(message: dict[str, Any], key: str) -> int:
-        value = message.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RATE_BPS:
-            raise RequestError(f"{key} must be 0..{MAX_RATE_BPS} bits per second")
-        return value
-
-    def _open_vnic(self, caller: Caller, message: dict[str, Any]) -> tuple[object, list[int]]:
-        claims = self._parse_claims(caller, message.get("filters"))
-        rx_bps = self._rate(message, "rx_bps")
-        tx_bps = self._rate(message, "tx_bps")
-        name = message.get("name", "")
-        if not isinstance(name, str) or len(name) > 64:
-            raise RequestError("name must be a string of at most 64 characters")
-        host = self.host
-        if host is None:
-            raise RequestError("no device host")
+    def _open_vnic(self, caller: Caller, body: control.OpenVnic) -> tuple[object, list[int]]:
+        claims = self._check_claims(caller, body.filters)
+        self._check_function_quota(caller, "vnic")
         function_id = self._next_function
         self._next_function += 1
         app_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            host.request(
-                {
-                    "op": "create_function",
-                    "function_id": function_id,
-                    "ip": self.topo.vnic_ip,
-                    "rx_filters": [{"proto": proto, "port": port} for proto, port in claims],
-                    "rx_bps": rx_bps,
-                    "tx_bps": tx_bps,
-                    "owner_pid": caller.pid,
-                    "owner_uid": caller.uid,
-                    "name": name,
-                },
+            self._host_request(
+                "vnic",
+                control.VnicCreateFunction(
+                    function_id=function_id,
+                    ip=self.topo.vnic_ip,
+                    rx_filters=body.filters,
+                    rx_bps=body.rx_bps,
+                    tx_bps=body.tx_bps,
+                    owner_pid=caller.pid,
+                    owner_uid=caller.uid,
+                    name=body.name,
+                ),
                 [device_end.fileno()],
-                self._on_host_event,
             )
-        except Exception as exc:
+        except RequestError:
             app_end.close()
-            raise RequestError(f"device host refused the function: {exc}") from None
+            raise
         finally:
             device_end.close()
-        record = FunctionRecord(function_id, caller.pid, caller.uid, name, claims, rx_bps, tx_bps, time.time())
+        record = FunctionRecord(
+            function_id, caller.pid, caller.uid, body.name, claims, body.rx_bps, body.tx_bps, time.time()
+        )
         self.functions[function_id] = record
         for claim in claims:
             self.claims[claim] = function_id
@@ -376,95 +504,78 @@ class Daemon:
         app_end.close()
         return {"function_id": function_id, "ip": self.topo.vnic_ip, "prefix_len": self.topo.subnet_prefix}, [fd]
 
-    def _open_vsa(self, caller: Caller, message: dict[str, Any]) -> tuple[object, list[int]]:
+    def _open_vsa(self, caller: Caller, body: control.OpenVsa) -> tuple[object, list[int]]:
         """Access is checked here, once; then the app talks to the VSIC device host alone."""
-        name = message.get("name")
-        write = message.get("write", True)
-        if not isinstance(name, str) or not isinstance(write, bool):
-            raise RequestError("open_vsa needs a name and write: true|false")
         try:
-            vsa = self.storage.check_access(name, caller.uid, write)
+            vsa = self.storage.check_access(body.name, caller.uid, body.write)
         except StorageRequestError as exc:
             raise RequestError(str(exc)) from None
-        iops = self._rate(message, "iops")
-        bps = self._rate(message, "bps")
-        host = self.hosts.get("vsic")
-        if host is None:
-            raise RequestError("no storage device host")
+        self._check_function_quota(caller, "vsic")
         function_id = self._next_function
         self._next_function += 1
         app_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            result = host.request(
-                {
-                    "op": "create_function",
-                    "function_id": function_id,
-                    "extents": [[extent.physical_block, extent.block_count] for extent in vsa.extents],
-                    "read_only": not write,
-                    "iops": iops,
-                    "bps": bps,
-                    "name": name,
-                    "owner_pid": caller.pid,
-                    "owner_uid": caller.uid,
-                },
+            result = self._host_request(
+                "vsic",
+                control.VsicCreateFunction(
+                    function_id=function_id,
+                    extents=tuple((extent.physical_block, extent.block_count) for extent in vsa.extents),
+                    read_only=not body.write,
+                    iops=body.iops,
+                    bps=body.bps,
+                    name=body.name,
+                    owner_pid=caller.pid,
+                    owner_uid=caller.uid,
+                ),
                 [device_end.fileno()],
-                self._on_host_event,
             )
-        except Exception as exc:
+        except RequestError:
             app_end.close()
-            raise RequestError(f"storage device host refused the function: {exc}") from None
+            raise
         finally:
             device_end.close()
         record = FunctionRecord(
-            function_id, caller.pid, caller.uid, f"vsa:{name}", [], 0, 0, time.time(),
-            device="vsic", vsa=name, writable=write,
+            function_id, caller.pid, caller.uid, f"vsa:{body.name}", [], 0, 0, time.time(),
+            device="vsic", vsa=body.name, writable=body.write,
         )
         self.functions[function_id] = record
         caller.functions.add(function_id)
         fd = os.dup(app_end.fileno())
         app_end.close()
         capacity = result.get("capacity_blocks") if isinstance(result, dict) else None
-        return {"function_id": function_id, "vsa": name, "writable": write, "capacity_blocks": capacity}, [fd]
+        return {"function_id": function_id, "vsa": body.name, "writable": body.write, "capacity_blocks": capacity}, [fd]
 
-    def _add_filter(self, caller: Caller, message: dict[str, Any]) -> object:
-        function_id = message.get("function_id")
-        if not isinstance(function_id, int) or function_id not in caller.functions:
+    def _vnic_function(self, function_id: int, what: str) -> FunctionRecord:
+        record = self.functions.get(function_id)
+        if record is None:
+            raise RequestError(f"no function {function_id}")
+        if record.device != "vnic":
+            # A storage function's limits are iops/bps, set when the VSA is opened; a VNIC
+            # request must not reach the VNIC host about a function it does not serve.
+            raise RequestError(f"function {function_id} is a {record.device} function; {what} is for VNIC functions")
+        return record
+
+    def _add_filter(self, caller: Caller, body: control.AddFilter) -> tuple[object, list[int]]:
+        if body.function_id not in caller.functions:
             raise RequestError("no such function of yours")
-        record = self.functions[function_id]
+        record = self._vnic_function(body.function_id, "add_filter")
         if len(record.claims) >= MAX_FILTERS_PER_FUNCTION:
             raise RequestError(f"at most {MAX_FILTERS_PER_FUNCTION} filters per function")
-        (claim,) = self._parse_claims(caller, [{"proto": message.get("proto"), "port": message.get("port")}])
-        if self.host is None:
-            raise RequestError("no device host")
-        try:
-            self.host.request(
-                {"op": "add_filter", "function_id": function_id, "proto": claim[0], "port": claim[1]},
-                [],
-                self._on_host_event,
-            )
-        except Exception as exc:
-            raise RequestError(f"device host refused the filter: {exc}") from None
+        (claim,) = self._check_claims(caller, (control.Filter(body.proto, body.port),))
+        self._host_request("vnic", control.HostAddFilter(body.function_id, body.proto, body.port), [])
         record.claims.append(claim)
-        self.claims[claim] = function_id
+        self.claims[claim] = body.function_id
         self._program_rates(record)
-        return None
+        return None, []
 
-    def _set_rate(self, caller: Caller, message: dict[str, Any]) -> object:
-        function_id = message.get("function_id")
-        if not isinstance(function_id, int) or function_id not in self.functions:
-            raise RequestError("no such function")
-        record = self.functions[function_id]
+    def _set_rate(self, caller: Caller, body: control.SetRate) -> tuple[object, list[int]]:
+        record = self._vnic_function(body.function_id, "set_rate")
         if caller.uid != 0 and caller.uid != record.owner_uid:
             raise RequestError("only root or the owner may change a function's rate")
-        rx_bps, tx_bps = self._rate(message, "rx_bps"), self._rate(message, "tx_bps")
-        if self.host is None:
-            raise RequestError("no device host")
-        self.host.request(
-            {"op": "set_rate", "function_id": function_id, "rx_bps": rx_bps, "tx_bps": tx_bps}, [], self._on_host_event
-        )
-        record.rx_bps, record.tx_bps = rx_bps, tx_bps
+        self._host_request("vnic", control.HostSetRate(body.function_id, body.rx_bps, body.tx_bps), [])
+        record.rx_bps, record.tx_bps = body.rx_bps, body.tx_bps
         self._program_rates(record)
-        return None
+        return None, []
 
     def _program_rates(self, record: FunctionRecord) -> None:
         """Mirror the device's limiters into Linux tc, one class per claim and direction."""
@@ -508,7 +619,7 @@ class Daemon:
         host = self.hosts.get(record.device)
         if host is not None:
             try:
-                host.request({"op": "destroy_function", "function_id": function_id}, [], self._on_host_event)
+                host.request(control.DestroyFunction(function_id), [], self._on_function_closed)
             except Exception as exc:
                 log.warning("%s device host destroy %d: %s", record.device, function_id, exc)
         self._reclaim(function_id)
@@ -529,14 +640,10 @@ class Daemon:
         host = self.hosts.get(kind)
         if host is None:
             return
-        for event in host.drain_events():
-            self._on_host_event(event)
+        host.drain_events(self._on_function_closed)
 
-    def _on_host_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") == "function_closed":
-            function_id = event.get("function_id")
-            if isinstance(function_id, int):
-                self._reclaim(function_id)
+    def _on_function_closed(self, function_id: int) -> None:
+        self._reclaim(function_id)
 
     # ---- status ----------------------------------------------------------------------
 
@@ -545,13 +652,13 @@ class Daemon:
         storage_device: object = None
         if self.host is not None:
             try:
-                device = self.host.request({"op": "stats"}, [], self._on_host_event)
+                device = self.host.request(control.Stats(), [], self._on_function_closed)
             except Exception as exc:
                 device = {"error": str(exc)}
         vsic = self.hosts.get("vsic")
         if vsic is not None:
             try:
-                storage_device = vsic.request({"op": "stats"}, [], self._on_host_event)
+                storage_device = vsic.request(control.Stats(), [], self._on_function_closed)
             except Exception as exc:
                 storage_device = {"error": str(exc)}
         try:

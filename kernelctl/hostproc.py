@@ -2,14 +2,17 @@
 
 kernelctl starts one device host per virtual device (``python -m vdev.vnic.host``) with one
 end of a ``SOCK_SEQPACKET`` socketpair as an inherited descriptor: the management channel
-(``vdev.mgmt``). Requests are answered in order; the device host may slip events (a function
-whose application went away) in between, which ``request`` hands to a callback.
+(``vdev.control``: typed records, messages of any size in parts, never a blocking send).
+Requests are answered in order; the device host may slip events (a function whose
+application went away) in between, which ``request`` hands to a callback. A host that does
+not answer within ``REQUEST_TIMEOUT`` is a ``HostError`` for that request, nothing worse.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import select
 import socket
@@ -20,9 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kernelctl.names import Topology
-from vdev import mgmt
+from vdev import control
 from vdev.vnic.faults import ENV_VAR as FAULTS_ENV_VAR
 
+log = logging.getLogger("kernelctl")
 REQUEST_TIMEOUT = 5.0
 
 
@@ -68,6 +72,7 @@ class DeviceHostProcess:
             )
         theirs.close()
         self.sock = ours
+        self.channel = control.Channel(ours)
         self._ids = itertools.count(1)
 
     @property
@@ -82,61 +87,75 @@ class DeviceHostProcess:
 
     def request(
         self,
-        message: dict[str, Any],
+        body: control.Record,
         fds: list[int],
-        on_event: Callable[[dict[str, Any]], None],
+        on_event: Callable[[int], None],
     ) -> Any:
+        """Send ``body`` and wait up to ``REQUEST_TIMEOUT`` for its answer; events that come
+        first go to ``on_event`` (the function id). HostError: refused, or no answer."""
         request_id = next(self._ids)
-        self.sock.setblocking(True)
-        mgmt.send_message(self.sock, {**message, "id": request_id}, fds)
+        try:
+            self.channel.send(control.request_json(request_id, body), fds)
+        except control.ChannelFull as exc:
+            raise HostError(f"device host is not reading its requests ({exc})") from None
         deadline = time.monotonic() + REQUEST_TIMEOUT
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                raise HostError(f"device host did not answer {message.get('op')!r}")
-            received = mgmt.recv_message(self.sock)
-            if received is None:
+            try:
+                self.channel.flush()
+            except OSError as exc:
+                raise HostError(f"device host channel: {exc}") from None
+            for reply in self._receive(on_event):
+                if reply.id == request_id:
+                    if not reply.ok:
+                        raise HostError(reply.error)
+                    return reply.result
+                # else: the answer to a request that timed out earlier
+            if self.channel.closed:
                 raise HostError("device host closed the management channel")
-            reply, extra_fds = received
-            for fd in extra_fds:
-                os.close(fd)
-            if "event" in reply:
-                on_event(reply)
-                continue
-            if reply.get("id") != request_id:
-                continue  # an answer to a request that timed out earlier
-            if not reply.get("ok"):
-                raise HostError(str(reply.get("error")))
-            return reply.get("result")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HostError(f"device host did not answer {body.OP!r} within {REQUEST_TIMEOUT:g} s")
+            select.select([self.sock], [self.sock] if self.channel.pending else [], [], left)
 
-    def drain_events(self) -> list[dict[str, Any]]:
-        events = []
-        self.sock.setblocking(False)
+    def _receive(self, on_event: Callable[[int], None]) -> list[control.Reply]:
+        replies = []
+        for incoming in self.channel.receive():
+            control.close_fds(incoming.fds)  # a device host sends no fds
+            if incoming.payload is None:
+                log.warning("device host %d: %s", self.pid, incoming.error)
+                continue
+            try:
+                message = control.decode_reply(incoming.payload)
+            except control.ProtocolError as exc:
+                log.warning("device host %d sent a bad message: %s", self.pid, exc)
+                continue
+            if isinstance(message, control.FunctionClosed):
+                on_event(message.function_id)
+            else:
+                replies.append(message)
+        return replies
+
+    def drain_events(self, on_event: Callable[[int], None]) -> None:
+        """Hand the events that came to ``on_event``; late replies are dropped."""
         try:
-            while True:
-                try:
-                    received = mgmt.recv_message(self.sock)
-                except BlockingIOError:
-                    break
-                except mgmt.MgmtError:
-                    continue
-                if received is None:
-                    break
-                message, fds = received
-                for fd in fds:
-                    os.close(fd)
-                if "event" in message:
-                    events.append(message)
-        finally:
-            self.sock.setblocking(True)
-        return events
+            self.channel.flush()
+        except OSError:
+            pass
+        self._receive(on_event)
+
+    def flush(self) -> None:
+        """Send what an earlier, timed-out request left queued."""
+        try:
+            self.channel.flush()
+        except OSError:
+            pass
 
     def stop(self, timeout: float = 3.0) -> None:
         if self.alive():
             try:
-                self.sock.setblocking(True)
-                mgmt.send_message(self.sock, {"id": 0, "op": "shutdown"})
-            except OSError:
+                self.channel.send(control.request_json(0, control.HostShutdown()))
+                self.channel.flush()
+            except (OSError, control.ChannelFull):
                 pass
             try:
                 self.process.wait(timeout)
@@ -145,4 +164,4 @@ class DeviceHostProcess:
                 self.process.wait()
         else:
             self.process.wait()
-        self.sock.close()
+        self.channel.close()

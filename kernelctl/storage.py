@@ -30,6 +30,7 @@ from typing import Any
 from kernelctl.names import Topology
 from kernelctl.policy import Policy
 from kernelctl.registry import BLOCK_SIZE, DEFAULT_LIMITS, MAX_UID, Extent, Limits, Registry, RegistryError, Vsa
+from vdev import control
 from vm_images import images
 from vm_images import instance as instance_images
 
@@ -202,21 +203,20 @@ class StoragePlane:
         """The VSAs that functions have open now."""
         return frozenset(self._open_vsas()) if self._open_vsas is not None else frozenset()
 
-    def handle(self, op: str, uid: int, message: dict[str, Any]) -> object:
-        if op == "vsa_create":
-            return self.create_vsa(uid, _name(message), _size(message))
-        if op == "vsa_resize":
-            return self.resize_vsa(uid, _name(message), _size(message))
-        if op == "vsa_delete":
-            self.delete_vsa(uid, _name(message))
-            return None
-        if op == "vsa_list":
-            return self.list_vsas(uid)
-        if op == "vsa_grant":
-            return self.grant(uid, _name(message), _uid(message), message.get("mode"))
-        if op == "vsa_revoke":
-            return self.revoke(uid, _name(message), _uid(message))
-        raise StorageRequestError(f"unknown request {op!r}")
+    def handle(self, request: control.Record, uid: int) -> object:
+        """One checked VSA request (``vdev.control``) from ``uid``, by its handler in a table."""
+        handlers: dict[type[control.Record], Callable[[Any, int], object]] = {
+            control.VsaCreate: lambda q, u: self.create_vsa(u, q.name, q.size_bytes),
+            control.VsaResize: lambda q, u: self.resize_vsa(u, q.name, q.size_bytes),
+            control.VsaDelete: lambda q, u: self.delete_vsa(u, q.name),
+            control.VsaList: lambda q, u: self.list_vsas(u),
+            control.VsaGrant: lambda q, u: self.grant(u, q.name, q.uid, q.mode),
+            control.VsaRevoke: lambda q, u: self.revoke(u, q.name, q.uid),
+        }
+        handler = handlers.get(type(request))
+        if handler is None:
+            raise StorageRequestError(f"not a storage request: {request.OP!r}")
+        return handler(request, uid)
 
     # Each request as a method of its own, with the registry's refusals as StorageRequestError.
 
@@ -294,23 +294,3 @@ def purge(topo: Topology) -> None:
     instance_images.down(image_paths(topo))
     shutil.rmtree(topo.state_dir, ignore_errors=True)
 
-
-def _name(message: dict[str, Any]) -> str:
-    name = message.get("name")
-    if not isinstance(name, str):
-        raise StorageRequestError("name must be a string")
-    return name
-
-
-def _size(message: dict[str, Any]) -> int:
-    size = message.get("size_bytes")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_VSA_BYTES:
-        raise StorageRequestError(f"size_bytes must be 1..{MAX_VSA_BYTES}")
-    return size
-
-
-def _uid(message: dict[str, Any]) -> int:
-    uid = message.get("uid")
-    if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
-        raise StorageRequestError("uid must be a non-negative number")
-    return uid

@@ -1,7 +1,7 @@
 """The loop every device host process runs, whatever its device.
 
 A device host (``vdev.vnic.host``, ``vdev.vsic.host``) serves one virtual device: the
-management channel to kernelctl (``vdev.mgmt``), one vfio-user session per function, and the
+management channel to kernelctl (``vdev.control``: checked records, never a blocking send), one vfio-user session per function, and the
 device's own work. Its loop has two modes:
 
 * **busy**: while work keeps coming it polls the device and its sockets without sleeping, so
@@ -17,16 +17,16 @@ function: an error in one vfio-user session closes that session and removes that
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from vdev import mgmt
+from vdev import control
 from vdev.vfio_user.server import VfioUserServerConnection
 
 MAX_SLEEP = 0.05  # a lost wakeup (see vdev.ring) costs at most this much latency
@@ -67,15 +67,16 @@ class DeviceHostBase:
     * ``_poll(now)``: one bounded pass of the device's work; how much it did;
     * ``_on_wire(queue, now)``: a wire fd (registered in ``_wire_fds``, fd -> queue) is
       readable; how much it did. Devices without a wire leave ``_wire_fds`` empty;
-    * ``_function_id(message)``: the checked ``function_id`` of a management request;
-    * ``_create_function(message, fds)``: the ``create_function`` request; it ends with
-      ``_add_session``;
-    * ``_handle_device_op(op, message)``: the requests only this device knows (it raises
-      ValueError for an unknown ``op``);
-    * ``MGMT_ERRORS``: the exceptions a bad request may raise (each answered as an error).
+    * ``PROTOCOL``: its management requests (``vdev.control``), each a checked record;
+    * ``_device_handlers()``: the handler of each request only this device knows, by record
+      class (``create_function`` among them: it ends with ``_add_session``; when it refuses,
+      it leaves the fds unowned, for the loop closes them);
+    * ``MGMT_ERRORS``: the exceptions a bad request may raise (each answered as an error;
+      any other exception is answered too, and its traceback logged).
     """
 
     MGMT_ERRORS: ClassVar[tuple[type[Exception], ...]] = (ValueError, KeyError, TypeError, OSError)
+    PROTOCOL: ClassVar[control.Protocol]
 
     def __init__(self, device: HostedDevice, mgmt_sock: socket.socket, spin: float) -> None:
         self.device = device
@@ -87,8 +88,18 @@ class DeviceHostBase:
         self._conns: dict[int, tuple[VfioUserServerConnection, int]] = {}
         self._busy_until = 0.0
         self._last_work = 0.0
-        self.mgmt.setblocking(False)
+        self.channel = control.Channel(mgmt_sock, max_input=control.MAX_REQUEST)
+        self._mgmt_events = select.EPOLLIN
         self.epoll.register(self.mgmt.fileno(), select.EPOLLIN)
+        self._handlers: dict[type[control.Record], Callable[[Any, list[int]], object]] = {
+            control.DestroyFunction: self._destroy_function,
+            control.Stats: self._stats,
+            control.HostShutdown: self._shutdown,
+            **self._device_handlers(),
+        }
+        missing = set(self.PROTOCOL.records.values()) - set(self._handlers)
+        if missing:
+            raise TypeError(f"no handler for {sorted(r.OP for r in missing)}")
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -104,14 +115,8 @@ class DeviceHostBase:
     def _on_wire(self, queue: int, now: float) -> int:
         return 0
 
-    def _function_id(self, message: dict[str, Any]) -> int:
+    def _device_handlers(self) -> dict[type[control.Record], Callable[[Any, list[int]], object]]:
         raise NotImplementedError
-
-    def _create_function(self, message: dict[str, Any], fds: list[int]) -> object:
-        raise NotImplementedError
-
-    def _handle_device_op(self, op: object, message: dict[str, Any]) -> object:
-        raise ValueError(f"unknown op {op!r}")
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -149,7 +154,7 @@ class DeviceHostBase:
                 if queue is not None:
                     work += self._on_wire(queue, now)
                 elif fd == self.mgmt.fileno():
-                    self._on_mgmt()
+                    self._on_mgmt(mask)
                 else:
                     work += self._on_vfio(fd, mask)
             work += self._poll(now)
@@ -201,81 +206,92 @@ class DeviceHostBase:
         if entry is not None:
             entry[0].close()
         self.device.remove_function(function_id)
-        self._send({"event": "function_closed", "function_id": function_id})
+        self._send(control.FunctionClosed(function_id).to_json())
 
     # ---- management ------------------------------------------------------------------------
 
-    def _on_mgmt(self) -> None:
-        while self.running:
-            try:
-                received = mgmt.recv_message(self.mgmt)
-            except BlockingIOError:
-                return
-            except mgmt.MgmtError as exc:
-                self._reply(None, error=str(exc))
-                continue
-            except OSError:
-                self.running = False
-                return
-            if received is None:
+    def _on_mgmt(self, mask: int) -> None:
+        channel = self.channel
+        if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            for incoming in channel.receive():
+                self._answer(incoming)
+            if channel.closed:
                 # The control plane went away: a device host without one must not linger.
                 self.running = False
                 return
-            message, fds = received
-            request_id = message.get("id")
-            try:
-                result = self._handle(message, fds)
-            except self.MGMT_ERRORS as exc:
-                for fd in fds:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                self._reply(request_id, error=f"{type(exc).__name__}: {exc}")
-            else:
-                self._reply(request_id, result=result)
+        self._flush_mgmt()
 
-    def _handle(self, message: dict[str, Any], fds: list[int]) -> object:
-        op = message.get("op")
-        if op == "create_function":
-            return self._create_function(message, fds)
-        if fds:
-            raise ValueError(f"{op} takes no file descriptors")
-        if op == "destroy_function":
-            function_id = self._function_id(message)
-            for fd, (_conn, fid) in list(self._conns.items()):
-                if fid == function_id:
-                    self._drop_session(fd, fid)
-            self.device.remove_function(function_id)
-            return None
-        if op == "stats":
-            return self.device.snapshot()
-        if op == "shutdown":
-            self.running = False
-            return None
-        return self._handle_device_op(op, message)
-
-    def _reply(self, request_id: object, *, result: object = None, error: str | None = None) -> None:
-        message: dict[str, Any] = {"id": request_id, "ok": error is None}
-        if error is None:
-            message["result"] = result
-        else:
-            message["error"] = error
-        self._send(message)
-
-    def _send(self, message: dict[str, Any]) -> None:
+    def _answer(self, incoming: control.Incoming) -> None:
+        """Answer one management request; whatever a handler raises becomes an error reply."""
+        fds = incoming.fds
+        if incoming.payload is None:
+            self._reply(control.Reply(None, False, error=incoming.error))
+            return
         try:
-            self.mgmt.setblocking(True)
-            mgmt.send_message(self.mgmt, message)
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
-                raise
+            request = self.PROTOCOL.decode(incoming.payload)
+        except control.RequestRefused as exc:
+            control.close_fds(fds)
+            self._reply(control.Reply(exc.request_id, False, error=str(exc)))
+            return
+        body = request.body
+        try:
+            if len(fds) != body.TAKES_FDS:
+                raise ValueError(f"{body.OP} takes {body.TAKES_FDS} file descriptor(s), got {len(fds)}")
+            result = self._handlers[type(body)](body, fds)
+        except Exception as exc:
+            # A handler that fails leaves the fds unowned (sockets detached), so closing
+            # them here is the only close.
+            control.close_fds(fds)
+            if not isinstance(exc, self.MGMT_ERRORS):
+                traceback.print_exc(file=sys.stderr)  # a bug: keep serving, but say so
+            self._reply(control.Reply(request.id, False, error=f"{type(exc).__name__}: {exc}"))
+        else:
+            self._reply(control.Reply(request.id, True, result))
+
+    def _destroy_function(self, body: control.DestroyFunction, fds: list[int]) -> object:
+        for fd, (_conn, fid) in list(self._conns.items()):
+            if fid == body.function_id:
+                self._drop_session(fd, fid)
+        self.device.remove_function(body.function_id)
+        return None
+
+    def _stats(self, body: control.Stats, fds: list[int]) -> object:
+        return self.device.snapshot()
+
+    def _shutdown(self, body: control.HostShutdown, fds: list[int]) -> object:
+        self.running = False
+        return None
+
+    def _reply(self, reply: control.Reply) -> None:
+        try:
+            payload = reply.to_json()
+        except control.ProtocolError as exc:  # e.g. stats larger than MAX_MESSAGE
+            payload = control.Reply(reply.id, False, error=str(exc)).to_json()
+        self._send(payload)
+
+    def _send(self, payload: bytes) -> None:
+        try:
+            self.channel.send(payload)
+        except control.ChannelFull as exc:
+            # kernelctl stopped reading for good: it will see the host exit and restart it.
+            print(f"device host: management channel full, exiting ({exc})", file=sys.stderr, flush=True)
             self.running = False
-        finally:
-            try:
-                self.mgmt.setblocking(False)
-            except OSError:
-                pass
+            return
+        self._flush_mgmt()
+
+    def _flush_mgmt(self) -> None:
+        try:
+            self.channel.flush()
+        except OSError as exc:
+            if not control.peer_gone(exc):
+                traceback.print_exc(file=sys.stderr)
+            self.running = False
+            return
+        # Never block on the channel: what did not fit waits for EPOLLOUT.
+        events = select.EPOLLIN | (select.EPOLLOUT if self.channel.pending else 0)
+        if events != self._mgmt_events:
+            self.epoll.modify(self.mgmt.fileno(), events)
+            self._mgmt_events = events
 
     def close(self) -> None:
         for conn, _fid in list(self._conns.values()):

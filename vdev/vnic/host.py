@@ -23,16 +23,18 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from vdev import control
 from vdev.hostloop import MAX_FUNCTIONS, DeviceHostBase, serve
 from vdev.vfio_user.server import VfioUserServerConnection
 from vdev.vnic.backend import TapBackend, WireBackend
 from vdev.vnic.device import VnicDevice
 from vdev.vnic.faults import FaultSpec, FaultSpecError, FaultyBackend
 from vdev.vnic.filters import FilterConflict, Match
-from vdev.vnic.function import FunctionConfig
+from vdev.vnic.function import FunctionConfig, VnicFunction
 
 # Seconds of polling after the last work before sleeping. While the device polls, an
 # application posts work with plain stores; once it sleeps, each post costs the application a
@@ -52,6 +54,7 @@ class DeviceHost(DeviceHostBase):
     management requests (filters, rates)."""
 
     MGMT_ERRORS = (*DeviceHostBase.MGMT_ERRORS, FilterConflict)
+    PROTOCOL = control.VNIC_MGMT
     device: VnicDevice
 
     def __init__(self, device: VnicDevice, mgmt_sock: socket.socket, spin: float = DEFAULT_SPIN) -> None:
@@ -72,66 +75,71 @@ class DeviceHost(DeviceHostBase):
     def _on_wire(self, queue: int, now: float) -> int:
         return self.device.receive_from_wire(queue, now)
 
-    def _function_id(self, message: dict[str, Any]) -> int:
-        return int(message["function_id"])
+    def _device_handlers(self) -> dict[type[control.Record], Callable[[Any, list[int]], object]]:
+        return {
+            control.VnicCreateFunction: self._create_function,
+            control.HostAddFilter: self._add_filter,
+            control.HostSetRate: self._set_rate,
+        }
 
-    def _handle_device_op(self, op: object, message: dict[str, Any]) -> object:
-        if op == "add_filter":
-            function_id = int(message["function_id"])
-            function = self.device.functions[function_id]
-            match = self._match(message, function.config.ipv4)
-            self.device.filters.add_rx(function_id, 0, match)
-            self.device.filters.add_tx(function_id, replace(match, ip=function.config.ipv4))
-            return None
-        if op == "set_rate":
-            function = self.device.functions[int(message["function_id"])]
-            rx, tx = int(message.get("rx_bps", 0)), int(message.get("tx_bps", 0))
-            if rx < 0 or tx < 0:
-                raise ValueError("rates are not negative")
-            function.set_rates(rx, tx, time.monotonic())
-            return None
-        raise ValueError(f"unknown op {op!r}")
+    def _function(self, function_id: int) -> VnicFunction:
+        function = self.device.functions.get(function_id)
+        if function is None:
+            raise KeyError(f"no function {function_id}")
+        return function
 
-    def _create_function(self, message: dict[str, Any], fds: list[int]) -> object:
-        if len(fds) != 1:
-            raise ValueError("create_function takes exactly one fd (the vfio-user socket)")
+    def _add_filter(self, body: control.HostAddFilter, fds: list[int]) -> object:
+        function = self._function(body.function_id)
+        match = self._match(control.Filter(body.proto, body.port), function.config.ipv4)
+        self.device.filters.add_rx(body.function_id, 0, match)
+        self.device.filters.add_tx(body.function_id, replace(match, ip=function.config.ipv4))
+        return None
+
+    def _set_rate(self, body: control.HostSetRate, fds: list[int]) -> object:
+        self._function(body.function_id).set_rates(body.rx_bps, body.tx_bps, time.monotonic())
+        return None
+
+    def _create_function(self, body: control.VnicCreateFunction, fds: list[int]) -> object:
+        # On any refusal the fd stays unowned here (detach): the loop closes it, once.
         if len(self.device.functions) >= MAX_FUNCTIONS:
-            raise ValueError("too many functions")
-        function_id = int(message["function_id"])
-        ipv4 = _ip_bytes(str(message["ip"]))
-        matches = [self._match(spec, ipv4) for spec in message.get("rx_filters", [])]
+            raise ValueError(f"the device has {MAX_FUNCTIONS} functions already")
+        try:
+            ipv4 = socket.inet_aton(body.ip)
+        except OSError:
+            raise ValueError(f"bad address {body.ip!r}") from None
+        matches = [self._match(spec, ipv4) for spec in body.rx_filters]
         config = FunctionConfig(
-            function_id=function_id,
+            function_id=body.function_id,
             mac=self.device.mac,
             ipv4=ipv4,
-            num_queues=int(message.get("queues", 1)),
-            rx_rate_bps=int(message.get("rx_bps", 0)),
-            tx_rate_bps=int(message.get("tx_bps", 0)),
-            owner_pid=int(message.get("owner_pid", 0)),
-            owner_uid=int(message.get("owner_uid", 0)),
-            name=str(message.get("name", "")),
+            num_queues=body.queues,
+            rx_rate_bps=body.rx_bps,
+            tx_rate_bps=body.tx_bps,
+            owner_pid=body.owner_pid,
+            owner_uid=body.owner_uid,
+            name=body.name,
         )
-        function = self.device.add_function(config, matches, time.monotonic())
-        function.doorbell_listener = self.wake
-        sock = socket.socket(fileno=fds[0])
+        sock = socket.socket(fileno=fds[0])  # OSError (ENOTSOCK) for anything but a socket
         try:
             if sock.family != socket.AF_UNIX:
                 raise ValueError("the vfio-user socket must be AF_UNIX")
-            conn = VfioUserServerConnection(sock, function)
-        except Exception:
-            sock.close()
-            self.device.remove_function(function_id)
+            function = self.device.add_function(config, matches, time.monotonic())
+        except BaseException:
+            sock.detach()
             raise
-        self._add_session(conn, function_id)
-        return {"function_id": function_id}
+        function.doorbell_listener = self.wake
+        try:
+            conn = VfioUserServerConnection(sock, function)
+        except Exception as exc:
+            sock.detach()
+            self.device.remove_function(body.function_id)
+            raise ValueError(f"cannot serve the vfio-user socket: {exc}") from exc
+        self._add_session(conn, body.function_id)
+        return {"function_id": body.function_id}
 
     @staticmethod
-    def _match(spec: dict[str, Any], ipv4: bytes) -> Match:
-        proto = _PROTOCOLS[str(spec["proto"])]
-        port = int(spec["port"])
-        if not 0 < port < 65536:
-            raise ValueError(f"bad port {port}")
-        return Match(ethertype=0x0800, ip_proto=proto, ip=ipv4, port=port)
+    def _match(spec: control.Filter, ipv4: bytes) -> Match:
+        return Match(ethertype=0x0800, ip_proto=_PROTOCOLS[spec.proto], ip=ipv4, port=spec.port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The VSIC device host: one process per virtual storage controller.
 
 Started by kernelctl (``python -m vdev.vsic.host --image PATH --mgmt-fd N``) with the
-management socket (``vdev.mgmt``) as an inherited fd. It opens the image and runs one loop,
+management socket (``vdev.control``) as an inherited fd. It opens the image and runs one loop,
 ``vdev.hostloop``, as the VNIC host does:
 
 * **busy**: while requests keep coming it polls every request ring and its sockets without
@@ -10,7 +10,7 @@ management socket (``vdev.mgmt``) as an inherited fd. It opens the image and run
   the rings once more, and blocks in epoll until a doorbell (a trapped REGION_WRITE on a
   vfio-user socket), a management message, or the moment a rate-limited ring may go on.
 
-Management requests (JSON, see ``vdev.mgmt``)::
+Management requests (records of ``vdev.control.VSIC_MGMT``)::
 
     create_function  fd: the device end of the app's vfio-user socket; function_id,
                      extents [[physical_block, count], ...], read_only, queues, iops,
@@ -33,52 +33,40 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from vdev import control
 from vdev.hostloop import MAX_FUNCTIONS, DeviceHostBase, serve
 from vdev.vfio_user.server import VfioUserServerConnection
 from vdev.vsic.device import BackingStore, VsicDevice
-from vdev.vsic.function import MAX_EXTENTS, FunctionConfig, VsicFunction
+from vdev.vsic.function import FunctionConfig, VsicFunction
 
 DEFAULT_SPIN = 0.002  # seconds of polling after the last work before sleeping
-_U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
 
 
-def _int_field(message: dict[str, Any], key: str, default: int | None = None, high: int = _U64) -> int:
-    """A non-negative JSON integer (not a bool, a float or a string) at most ``high``."""
+def _int_field(message: dict[str, Any], key: str, default: int | None = None, high: int = control.U64) -> int:
+    """A non-negative JSON integer at most ``high`` (ValueError, KeyError otherwise); the
+    same check ``vdev.control`` makes of every integer field."""
     value = message.get(key, default)
     if value is None:
         raise KeyError(f"missing field {key!r}")
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
-        raise ValueError(f"{key} must be an integer in [0, {high}], got {value!r}")
-    return value
-
-
-def _bool_field(message: dict[str, Any], key: str) -> bool:
-    value = message.get(key, False)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    return value
+    return int(control.check_value(value, int, control.Bound(high=high), key))
 
 
 def _extents_field(message: dict[str, Any]) -> list[tuple[int, int]]:
-    value = message.get("extents")
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_EXTENTS:
-        raise ValueError(f"extents must be a list of 1..{MAX_EXTENTS} [physical_block, count] pairs")
-    extents: list[tuple[int, int]] = []
-    for item in value:
-        if not isinstance(item, list) or len(item) != 2:
-            raise ValueError(f"an extent is [physical_block, count], got {item!r}")
-        pair = {"physical_block": item[0], "count": item[1]}
-        extents.append((_int_field(pair, "physical_block"), _int_field(pair, "count")))
-    return extents
+    """The extents of a create_function request, checked as ``VsicCreateFunction`` does."""
+    if "extents" not in message:
+        raise KeyError("missing field 'extents'")
+    checked = control.VsicCreateFunction.from_fields({"function_id": 0, "extents": message["extents"]})
+    return list(checked.extents)
 
 
 class DeviceHost(DeviceHostBase):
     """The VSIC's device host: ``DeviceHostBase`` plus the storage controller's own
     management requests (limits); every field of a request is checked for type and range."""
 
+    PROTOCOL = control.VSIC_MGMT
     device: VsicDevice
 
     def __init__(self, device: VsicDevice, mgmt_sock: socket.socket, spin: float = DEFAULT_SPIN) -> None:
@@ -93,43 +81,34 @@ class DeviceHost(DeviceHostBase):
     def _poll(self, now: float) -> int:
         return self.device.poll(now)
 
-    def _function_id(self, message: dict[str, Any]) -> int:
-        return _int_field(message, "function_id", high=_U32)
+    def _device_handlers(self) -> dict[type[control.Record], Callable[[Any, list[int]], object]]:
+        return {control.VsicCreateFunction: self._create_function, control.SetLimits: self._set_limits}
 
-    def _handle_device_op(self, op: object, message: dict[str, Any]) -> object:
-        if op == "set_limits":
-            function = self._function(message)
-            function.set_limits(_int_field(message, "iops", 0), _int_field(message, "bps", 0), time.monotonic())
-            return None
-        raise ValueError(f"unknown op {op!r}")
+    def _set_limits(self, body: control.SetLimits, fds: list[int]) -> object:
+        self._function(body.function_id).set_limits(body.iops, body.bps, time.monotonic())
+        return None
 
-    def _function(self, message: dict[str, Any]) -> VsicFunction:
-        function_id = _int_field(message, "function_id", high=_U32)
+    def _function(self, function_id: int) -> VsicFunction:
         function = self.device.functions.get(function_id)
         if function is None:
             raise KeyError(f"no function {function_id}")
         return function
 
-    def _create_function(self, message: dict[str, Any], fds: list[int]) -> object:
-        if len(fds) != 1:
-            raise ValueError("create_function takes exactly one fd (the vfio-user socket)")
+    def _create_function(self, body: control.VsicCreateFunction, fds: list[int]) -> object:
         if len(self.device.functions) >= MAX_FUNCTIONS:
-            raise ValueError("too many functions")
-        name = message.get("name", "")
-        if not isinstance(name, str):
-            raise ValueError("name must be a string")
+            raise ValueError(f"the device has {MAX_FUNCTIONS} functions already")
         config = FunctionConfig(
-            function_id=_int_field(message, "function_id", high=_U32),
-            extents=_extents_field(message),
-            read_only=_bool_field(message, "read_only"),
-            num_queues=_int_field(message, "queues", 1, high=_U32),
-            iops=_int_field(message, "iops", 0),
-            bps=_int_field(message, "bps", 0),
-            owner_pid=_int_field(message, "owner_pid", 0, high=_U32),
-            owner_uid=_int_field(message, "owner_uid", 0, high=_U32),
-            name=name,
+            function_id=body.function_id,
+            extents=list(body.extents),
+            read_only=body.read_only,
+            num_queues=body.queues,
+            iops=body.iops,
+            bps=body.bps,
+            owner_pid=body.owner_pid,
+            owner_uid=body.owner_uid,
+            name=body.name,
         )
-        # On any refusal the fd stays unowned here (detach), and _on_mgmt closes it once.
+        # On any refusal the fd stays unowned here (detach), and the loop closes it once.
         sock = socket.socket(fileno=fds[0])  # OSError (ENOTSOCK) for anything but a socket
         try:
             if sock.family != socket.AF_UNIX:
