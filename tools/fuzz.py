@@ -65,7 +65,8 @@ class Result:
         return [f for f in self.findings if f.known is None]
 
 
-def fuzz_target(target: Target, seconds: float, line_coverage: bool, workdir: Path, save: bool) -> Result:
+def fuzz_target(target: Target, seconds: float, line_coverage: bool, workdir: Path, save: bool, seed: int | None = None) -> Result:
+    """Fuzz one target; ``seed`` fixes libFuzzer's random seed (CI), None draws one."""
     corpus = workdir / target.name / "corpus"
     artifacts = workdir / target.name / "artifacts"
     corpus.mkdir(parents=True)
@@ -77,8 +78,8 @@ def fuzz_target(target: Target, seconds: float, line_coverage: bool, workdir: Pa
             if path.is_file():
                 shutil.copy(path, corpus / path.name)
     _, seeds = target.load()
-    for number, seed in enumerate(seeds()):
-        (corpus / f"seed-{number}").write_bytes(seed)
+    for number, seed_input in enumerate(seeds()):
+        (corpus / f"seed-{number}").write_bytes(seed_input)
     command = [
         sys.executable,
         "-m",
@@ -96,6 +97,7 @@ def fuzz_target(target: Target, seconds: float, line_coverage: bool, workdir: Pa
         "-print_final_stats=1",
         "-print_pcs=0",
         f"-artifact_prefix={artifacts}/",
+        *([f"-seed={seed}"] if seed is not None else []),
         str(corpus),
     ]
     started = time.monotonic()
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--no-line-coverage", action="store_true", help="skip the coverage.py replay")
     parser.add_argument("--no-save", action="store_true", help="do not copy findings into tests/fuzz_corpus")
+    parser.add_argument("--seed", type=int, help="libFuzzer's random seed (default: a fresh one per run)")
     args = parser.parse_args(argv)
     names = list(TARGETS) if args.target == "all" else [n.strip() for n in args.target.split(",") if n.strip()]
     unknown = [n for n in names if n not in TARGETS]
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="arx-fuzz-") as tmp:
         for name in names:
-            result = fuzz_target(TARGETS[name], args.seconds, not args.no_line_coverage, Path(tmp), not args.no_save)
+            result = fuzz_target(TARGETS[name], args.seconds, not args.no_line_coverage, Path(tmp), not args.no_save, args.seed)
             results.append(result)
             print(f"{name}: {result.inputs} inputs, cov {result.edges} ft {result.features}, {len(result.findings)} findings", flush=True)
     print(table(results), flush=True)
