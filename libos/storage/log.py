@@ -254,9 +254,15 @@ class PersistentLog:
         self._queue: list[_Queued] = []
         self._layout_version = 0
 
-        sb = self._load_superblock(create, max_batch_bytes)
+        sb, newest_known = self._load_superblock(create, max_batch_bytes)
         self.recovery, offsets, end_block = self._recover(sb, repair)
-        if sb.epoch >= MAX_EPOCH:
+        # When the other slot is damaged, the superblock lost there may have been the newest
+        # one and started a session (epoch + 1) whose records are still on the disk, cut off
+        # by this recovery. Reusing that epoch would let them line up behind the new
+        # session's records and come back; skipping it cannot (a superblock moves the epoch
+        # by at most one, so nothing on the disk carries epoch + 2).
+        epoch_step = 1 if newest_known else 2
+        if sb.epoch > MAX_EPOCH - epoch_step:
             raise LogError("the log's epoch counter is exhausted; compact it into a new log")
         end_seq = self.recovery.end_seq
         # A new session: records from here on carry the new epoch, and anything past
@@ -264,7 +270,7 @@ class PersistentLog:
         # off by repair) can never be taken for part of the log again.
         self._sb = replace(
             sb,
-            epoch=sb.epoch + 1,
+            epoch=sb.epoch + epoch_step,
             generation=sb.generation + 1,
             open_end_seq=end_seq,
             min_end_seq=end_seq,
@@ -597,7 +603,13 @@ class PersistentLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load_superblock(self, create: bool, max_batch_bytes: int) -> Superblock:
+    def _load_superblock(self, create: bool, max_batch_bytes: int) -> tuple[Superblock, bool]:
+        """The newest intact superblock, and whether it is surely the newest ever written.
+
+        Generation g goes to slot g % 2, so two intact slots of consecutive generations show
+        that nothing newer was written; any other state (one slot damaged, or both holding
+        the same generation) may hide a newer superblock that did not survive.
+        """
         slots = self._dev.read(self._area_start, SUPERBLOCK_SLOTS)
         size = self._block_size
         blocks = [slots[i * size : (i + 1) * size] for i in range(SUPERBLOCK_SLOTS)]
@@ -605,13 +617,15 @@ class PersistentLog:
         area_offset = self._area_start * size
         if not found:
             if create and not any(block.startswith(SUPERBLOCK_IDENT) for block in blocks):
-                return self._format(max_batch_bytes)
+                return self._format(max_batch_bytes), True
             raise LogCorruption(area_offset, "no intact superblock")
         sb = max(found, key=lambda candidate: candidate.generation)
         problem = self._superblock_problem(sb)
         if problem:
             raise LogCorruption(area_offset, f"superblock: {problem}")
-        return sb
+        generations = sorted(candidate.generation for candidate in found)
+        newest_known = len(generations) == SUPERBLOCK_SLOTS and generations[1] - generations[0] == 1
+        return sb, newest_known
 
     def _superblock_problem(self, sb: Superblock) -> str:
         """Why an intact superblock still cannot describe this area ('' when it can)."""
