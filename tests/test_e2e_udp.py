@@ -100,18 +100,27 @@ def test_ping_and_port_unreachable(instance: Topology) -> None:
     assert default["port_unreachable"] >= 1
 
 
-def count_client(address: tuple[str, int], count: int) -> int:
+def count_client(address: tuple[str, int], count: int, tries: int = 3) -> int:
+    """How many of ``count`` numbered datagrams came back echoed.
+
+    UDP may lose a datagram on a loaded machine (a full socket buffer, a scheduling gap), so
+    each one is sent up to ``tries`` times, as a UDP client would; a late echo of an earlier
+    datagram is recognised by its number and skipped, never counted for the wrong one."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(1.0)
     sock.connect(address)
     answered = 0
     for index in range(count):
-        sock.send(index.to_bytes(4, "big"))
-        try:
-            if sock.recv(64) == index.to_bytes(4, "big"):
-                answered += 1
-        except TimeoutError:
-            pass
+        want = index.to_bytes(4, "big")
+        for _ in range(tries):
+            sock.send(want)
+            try:
+                while (reply := sock.recv(64)) != want and int.from_bytes(reply[:4], "big") < index:
+                    pass  # a late echo of an earlier datagram
+            except TimeoutError:
+                continue
+            answered += reply == want
+            break
     sock.close()
     return answered
 

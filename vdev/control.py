@@ -381,6 +381,8 @@ def recv_blocking(sock: socket.socket, timeout: float | None = None) -> tuple[by
                     raise ProtocolError("the rest of a message did not come")
             data, new_fds, flags, _addr = socket.recv_fds(sock, CHUNK + 1, MAX_FDS)
             if not data and not new_fds:
+                if inbox.in_message:
+                    raise ProtocolError("the channel closed in the middle of a message")
                 close_fds(fds)
                 return None
             if inbox.in_message and new_fds:

@@ -22,7 +22,7 @@ from tools.fuzz_targets import ContractViolation
 from tools.fuzz_targets._input import Input
 from vdev import mgmt
 
-DECODE: Callable[[socket.socket], Any] = mgmt.recv_message
+DECODE: Callable[[socket.socket], Any] = mgmt.recv_message  # vdev.control underneath
 CLEAN: tuple[type[BaseException], ...] = (mgmt.MgmtError,)
 MAX_DATAGRAM = 200_000  # the socket buffer of the pair is raised to hold this
 
@@ -79,6 +79,9 @@ def one_input_mgmt_decode(data: bytes) -> None:
             sender.send(message)
         for fd in sent_fds:
             os.close(fd)
+        # The peer says nothing more: a message cut off after a part that promised more must
+        # be refused, not waited for (the blocking decoder would wait forever otherwise).
+        sender.shutdown(socket.SHUT_WR)
         before = len(os.listdir("/proc/self/fd"))
         try:
             result = DECODE(receiver)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vdev.ratelimit import TokenBucket
-from vdev.wire import arp, ethernet, icmp, ipv4, tcp
+from vdev.wire import arp, ethernet, icmp, ipv4, tcp, udp
 from vdev.wire.errors import WireError
 
 ICMP_ERRORS_PER_SECOND = 1000
@@ -83,6 +83,12 @@ class DefaultFunction:
             self.counters.ignored += 1
             return []
         if packet.protocol == ipv4.PROTO_UDP:
+            # A truncated datagram is malformed, not a port nobody claimed (the error would quote
+            # less than the header + 8 bytes RFC 792 asks for); and no ICMP error goes about a
+            # datagram whose source is not one host (RFC 1122 3.2.2).
+            if len(packet.payload) < udp.HEADER_LEN or not _single_host(packet.src):
+                self.counters.ignored += 1
+                return []
             if not self._icmp_budget.try_consume(1, now):
                 self.counters.rate_limited += 1
                 return []
@@ -119,3 +125,10 @@ class DefaultFunction:
     def _ip_frame(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, protocol: int, payload: bytes) -> bytes:
         datagram = ipv4.build(src_ip, dst_ip, protocol, payload)
         return ethernet.build(dst_mac, self.mac, ethernet.ETHERTYPE_IPV4, datagram)
+
+
+def _single_host(address: bytes) -> bool:
+    """Whether an IPv4 source names one host: not 0/8 (this network), 127/8 (loopback),
+    224/4 (multicast), 240/4 (reserved and the limited broadcast)."""
+    first = address[0]
+    return first != 0 and first != 127 and first < 224
