@@ -360,7 +360,7 @@ def run(duration: float, seed: int, rss_slack_kib: int) -> dict[str, Any]:
             time.sleep(rng.uniform(0.2, 2.0))  # let it run (or fail to start) for a while
             stop(victim, signal.SIGKILL)
             victims += 1
-        results = {}
+        results: dict[str, Any] = {}
         for name, proc in (("client", client), ("hostile_net", hostile), ("churn", churn)):
             out, err = proc.communicate(timeout=duration + 120)
             if proc.returncode != 0:
