@@ -389,6 +389,13 @@ def run(duration: float, seed: int, rss_slack_kib: int) -> dict[str, Any]:
     except Exception as exc:  # the summary must say what broke; teardown still runs
         summary.setdefault("violations", []).append(f"soak aborted: {exc}")
     finally:
+        if summary.get("violations"):
+            # The daemon's log (stdout and stderr of it and its hosts) goes with the
+            # instance at teardown: keep its tail as evidence.
+            try:
+                summary["daemon_log_tail"] = (topo.run_dir / "kernelctl.log").read_text(errors="replace")[-6000:]
+            except OSError:
+                summary["daemon_log_tail"] = ""
         for proc in started:
             stop(proc, signal.SIGKILL if proc is not started[0] else signal.SIGTERM)
         down = kernelctl(topo, "down", "--purge", check=False)
