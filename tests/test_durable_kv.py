@@ -108,6 +108,21 @@ def vsic_host_pid(topo: Topology) -> int:
     raise AssertionError("no VSIC device host")
 
 
+def wait_for_new_vsic_host(topo: Topology, killed_pid: int, timeout: float = 30.0) -> None:
+    """kernelctl notices the crash and starts a new VSIC host: wait for it (a deadline,
+    not a guess at how long a loaded machine takes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if vsic_host_pid(topo) != killed_pid:
+                return
+        except (AssertionError, psutil.Error):
+            pass  # between the old host's exit and the new one's start
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no new VSIC device host within {timeout} s")
+        time.sleep(0.05)
+
+
 def crash_rounds(topo: Topology, backend: str, kill_device_host: bool, rounds: int) -> int:
     ip = topo.vnic_ip if backend == "vnic" else topo.linux_ip
     rng = random.Random(f"{backend}-{kill_device_host}")
@@ -123,15 +138,17 @@ def crash_rounds(topo: Topology, backend: str, kill_device_host: bool, rounds: i
             )
             load.start()
             time.sleep(rng.uniform(0.3, 1.5))
+            killed_pid = 0
             if kill_device_host:
-                os.kill(vsic_host_pid(topo), signal.SIGKILL)
+                killed_pid = vsic_host_pid(topo)
+                os.kill(killed_pid, signal.SIGKILL)
             else:
                 app.process.send_signal(signal.SIGKILL)
             load.join()
             app.stop()  # after a device host crash the app fails its next commit and exits
             acknowledged += result["acked"]
             if kill_device_host:
-                time.sleep(1.5)  # kernelctl notices within a second and starts a new one
+                wait_for_new_vsic_host(topo, killed_pid)
             app = kv_app(backend, topo.tag)
             wrong = run_in_netns(topo.client_netns, read_back, (ip, 6379), acknowledged, timeout=120)
             assert wrong == [], f"round {round_number}: {len(wrong)} acknowledged writes lost: {wrong[:5]}"

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from kernelctl.client import ControlClient
 from kernelctl.names import Topology
 from tests.helpers import App, run_in_netns
 from tests.test_redis_clients import our_app
@@ -81,11 +82,42 @@ def memcaslap(topo: Topology, address: Address, udp: bool) -> tuple[str, dict[st
     return output, counters
 
 
+def wait_functions_reclaimed(topo: Topology, timeout: float = 30.0) -> None:
+    """Until kernelctl has reclaimed every function (a stopped vnic app's included): from
+    then on nothing that app queued can still leave the device host."""
+    deadline = time.monotonic() + timeout
+    with ControlClient(topo.control_socket) as control:
+        while control.status()["functions"]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"functions not reclaimed within {timeout} s: {control.status()['functions']}")
+            time.sleep(0.05)
+
+
+def memcaslap_alone(topo: Topology, backend: str, udp: bool) -> tuple[tuple[str, dict[str, int]], dict[str, Any]]:
+    """memcaslap against one backend's server, that server stopped before the next run.
+
+    memcaslap's UDP sockets are unconnected (bound to 0.0.0.0 and an ephemeral port): a
+    datagram from any source reaches them, and one whose request id is not the one awaited
+    aborts it (``ms_sort_udp_packet``'s assertion). When one run ends, its last requests
+    are still in flight; if the next run started while the first server still answered
+    them, a new socket that drew a port of the old run got the old server's late reply:
+    the abort then showed in the *second* run. So the first server is stopped, and its
+    function reclaimed, before the next memcaslap starts.
+    """
+    ip = topo.vnic_ip if backend == "vnic" else topo.linux_ip
+    with our_app("libos.apps.memcache", backend, topo, PORT) as app:
+        run = memcaslap(topo, (ip, PORT), udp)
+        stats = server_stats(app)
+    wait_functions_reclaimed(topo)
+    return run, stats
+
+
 @pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
 def test_memcaslap_default_mix_on_both_backends(instance: Topology, udp: bool) -> None:
-    with mc_servers(instance) as servers:
-        runs = {backend: memcaslap(instance, address, udp) for backend, (address, _app) in servers.items()}
-        stats = {backend: server_stats(app) for backend, (_address, app) in servers.items()}
+    runs: dict[str, tuple[str, dict[str, int]]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    for backend in BACKENDS:
+        runs[backend], stats[backend] = memcaslap_alone(instance, backend, udp)
 
     for backend in BACKENDS:
         output, counters = runs[backend]
@@ -154,7 +186,7 @@ def udp_exactness_client(address: Address, sockets: int, rounds: int, window: in
                     mine[next_id] = (request, 0, {})
                     next_id += 1
                 outstanding.append(mine)
-            deadline = time.monotonic() + 5.0
+            deadline = time.monotonic() + 20.0  # ends when every reply is in
             for sock, mine in zip(socks, outstanding):
                 while mine and time.monotonic() < deadline:
                     sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -217,3 +249,36 @@ def test_udp_replies_are_exact_on_both_backends(instance: Topology) -> None:
         assert result["completed"] == result["sent"], f"{backend}: {result}"
         frames = stats[backend]["udp_frames"]
         assert frames["malformed"] == 0 and frames["replies"] == result["sent"], f"{backend}: {frames}"
+
+
+def test_memcaslap_aborts_on_any_datagram_with_a_foreign_request_id(instance: Topology) -> None:
+    """Pins the cause ``memcaslap_alone`` guards against: memcaslap's UDP sockets accept a
+    datagram from any source, and one reply with another request id aborts the whole run
+    (here a forged one, from a third party; in the flake, the previous run's late reply)."""
+    argv = ["ip", "netns", "exec", instance.client_netns, "memcaslap", "-s", f"{instance.linux_ip}:{PORT}",
+            "-t", "30s", "-c", "1", "-U"]
+    # No server answers: memcaslap waits for its first reply on an unconnected socket.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        ports: list[int] = []
+        while not ports and time.monotonic() < deadline and proc.poll() is None:
+            shown = subprocess.run(["ip", "netns", "exec", instance.client_netns, "ss", "-Huanp"],
+                                   capture_output=True, text=True).stdout
+            ports = [int(line.split()[3].rsplit(":", 1)[1]) for line in shown.splitlines()
+                     if f"pid={proc.pid}," in line and line.split()[4] == "0.0.0.0:*"]
+            time.sleep(0.05)
+        assert ports, "memcaslap opened no unconnected UDP socket"
+        forged = FRAME_HEADER.pack(0xBEEF, 0, 1, 0) + b"STORED\r\n"
+        run_in_netns(instance.client_netns, _send_to_loopback, ports[0], forged)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "ms_sort_udp_packet" in output, output[-2000:]
+
+
+def _send_to_loopback(port: int, datagram: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(datagram, ("127.0.0.1", port))
