@@ -155,7 +155,10 @@ def tc_classes(topo: Topology) -> str:
     return shown
 
 
-def test_killed_app_is_reclaimed_within_a_second(instance: Topology) -> None:
+def test_killed_app_is_reclaimed(instance: Topology) -> None:
+    """Reclaiming is driven by the event (the app's vfio-user socket closes), never by a
+    timeout, so it is done within milliseconds; the deadline below only bounds how long a
+    loaded machine may take to show it through the CLI (a Python process per look)."""
     app = echo_app("vnic", instance.tag, 7, "--rate", "20mbit")
     try:
         assert len(status(instance)["functions"]) == 1  # type: ignore[arg-type]
