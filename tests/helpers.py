@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,15 @@ class FakeLibOS:
             if token not in self.waiting and token not in self.pushes:
                 raise LibOSError(f"unknown token {token}")
         return None
+
+    def wait_many(self, tokens: Collection[int], timeout: float | None = None) -> list[tuple[int, QResult]]:
+        self._progress()
+        found = [(token, self.done.pop(token)) for token in list(self.done) if token in tokens]
+        if not found:
+            for token in tokens:
+                if token not in self.waiting and token not in self.pushes:
+                    raise LibOSError(f"unknown token {token}")
+        return found
 
     def wait(self, token: int, timeout: float | None = None) -> QResult | None:
         found = self.wait_any([token], timeout)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libos.api.linux import LinuxLibOS
-from libos.api.queues import QueueTable
+from libos.api.queues import PollingRuntime, QueueTable
 from libos.api.types import LibOSError, Opcode, QResult, SocketKind
 from libos.api.vnic_tcp import VnicStreams
 from libos.net.tcp import TcpConfig
@@ -480,3 +480,55 @@ def test_take_agrees_with_the_linear_scan(done_count: int, pending_count: int, p
             break
         tokens = [token for token in tokens if token != tokens[got[0]]] or pending[:1]
     assert table.done == expected_done
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 30), st.sets(st.integers(0, 69), min_size=1, max_size=60),
+       st.booleans())
+def test_take_many_takes_every_completed_token(done_count: int, pending_count: int, picks: set[int],
+                                               as_list: bool) -> None:
+    table, done, pending = table_with(done_count, pending_count)
+    everything = done + pending
+    chosen = [everything[i] for i in sorted(picks) if i < len(everything)]
+    if not chosen:
+        return
+    tokens: list[int] | dict[int, None] = chosen if as_list else dict.fromkeys(chosen)
+    expected = [token for token in done if token in chosen]  # completion order
+    found = table.take_many(tokens)
+    assert [token for token, _ in found] == expected
+    assert all(result == QResult(Opcode.PUSH, 3) for _, result in found)
+    assert not any(token in table.done for token in expected), "taken tokens stay taken out"
+    waiting = [token for token in chosen if token not in expected]
+    if waiting:
+        assert table.take_many(waiting) == []  # pending ones: no result, no error
+    with pytest.raises(LibOSError, match="unknown token"):
+        table.take_many(expected or [999])
+
+
+def test_wait_many_hands_back_a_batch_and_times_out_empty() -> None:
+    class Runtime(PollingRuntime):
+        def __init__(self) -> None:
+            self.table = QueueTable()
+            self.polls = 0
+
+        def _progress(self, now: float) -> int:
+            self.polls += 1
+            return 0
+
+        def _sleep(self, timeout: float) -> None:
+            pass
+
+    runtime = Runtime()
+    qd = runtime.table.new_queue(SocketKind.UDP)
+    pops = [runtime.table.pop(qd) for _ in range(3)]
+    runtime.table.deliver(qd, b"a", ("10.0.0.1", 1))
+    runtime.table.deliver(qd, b"b", ("10.0.0.1", 1))
+    batch = runtime.wait_many(dict.fromkeys(pops), timeout=1.0)
+    assert [(token, result.data) for token, result in batch] == [(pops[0], b"a"), (pops[1], b"b")]
+    assert runtime.polls == 0, "completions already there come back without a poll"
+    assert runtime.wait_many([pops[2]], timeout=0.0) == []
+    assert runtime.polls == 1
+    with pytest.raises(LibOSError):
+        runtime.wait_many([], timeout=0.0)
+    push = runtime.table.completed(Opcode.PUSH, qd)
+    assert runtime.table.done[push] is runtime.table.pushed(qd), "successful pushes share one result"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import cProfile
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,20 @@ def test_stop_kills_a_process_that_ignores_sigterm() -> None:
     assert process.stdout.readline() == "up\n"
     assert stop(process, timeout=0.2) == ""
     assert process.returncode == -9
+
+
+def test_cpu_seconds_and_meter_count_this_process() -> None:
+    from tools.benchlib import CpuMeter, cpu_seconds
+
+    pid = os.getpid()
+    meter = CpuMeter({"me": pid, "gone": 2**22 + 1})  # above pid_max's default: no such process
+    meter.start()
+    start = cpu_seconds(pid)
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    used = cpu_seconds(pid) - start
+    assert 0.1 < used < 5.0
+    per_request = meter.per_request_us(1000)
+    assert per_request["gone"] == 0.0
+    assert 100.0 < per_request["me"] < 5000.0  # 0.2 s over 1000 requests: about 200 us each

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libos.apps.kv import resp
-from libos.apps.kv.resp import (ParserLimits, ProtocolError, QueryBufferLimitError, RequestParser,
+from libos.apps.kv.resp import (ARG_OVERHEAD, ParserLimits, ProtocolError, QueryBufferLimitError, RequestParser,
                                 parse_int64, split_inline)
 
 
@@ -148,21 +148,21 @@ def test_failed_parser_stays_failed() -> None:
 
 
 def test_custom_limits() -> None:
-    limits = ParserLimits(max_inline=16, max_multibulk=2, max_bulk=3, max_query_buffer=64)
+    limits = ParserLimits(max_inline=16, max_multibulk=2, max_bulk=3, max_query_buffer=128)
     assert parse_all(b"*3\r\n", limits)[1] == "invalid multibulk length"
     assert parse_all(b"*1\r\n$4\r\n", limits)[1] == "invalid bulk length"
     assert parse_all(b"x" * 17, limits)[1] == "too big inline request"
     assert parse_all(b"*2\r\n$3\r\nabc\r\n$1\r\nd\r\n", limits) == ([[b"abc", b"d"]], None)
     parser = RequestParser(limits)
     with pytest.raises(QueryBufferLimitError):
-        parser.feed(b"*2\r\n$3\r\n" + b"a" * 70)
+        parser.feed(b"*2\r\n$3\r\n" + b"a" * 130)
 
 
 def test_partial_arguments_count_toward_query_buffer() -> None:
-    parser = RequestParser(ParserLimits(max_query_buffer=40))
+    parser = RequestParser(ParserLimits(max_query_buffer=40 + ARG_OVERHEAD))
     parser.feed(b"*3\r\n$20\r\n" + b"a" * 20 + b"\r\n")
     assert parser.next_request() is None
-    assert parser.buffered_bytes == 20
+    assert parser.buffered_bytes == 20 + ARG_OVERHEAD
     with pytest.raises(QueryBufferLimitError):
         parser.feed(b"$20\r\n" + b"b" * 20 + b"\r\n")
 
@@ -205,3 +205,84 @@ def test_encoded_requests_round_trip_in_any_chunking(requests: list[list[bytes]]
         parser.feed(wire[i:i + chunk])
         got += drain(parser)
     assert got == requests
+
+
+# The hiredis fast path (canonical requests) against the reference parser alone.
+
+
+def reference_parser(limits: ParserLimits | None = None) -> RequestParser:
+    parser = RequestParser(limits)
+    parser._fast = False  # the reference parser only
+    return parser
+
+
+def outcome(parser: RequestParser, chunks: list[bytes]) -> tuple[list[list[bytes]], str | None, int]:
+    got: list[list[bytes]] = []
+    try:
+        for chunk in chunks:
+            parser.feed(chunk)
+            got += drain(parser)
+    except ProtocolError as exc:
+        return got, exc.message, -1
+    return got, None, parser.buffered_bytes
+
+
+def test_fast_path_is_taken_for_canonical_requests() -> None:
+    pytest.importorskip("hiredis")
+    parser = RequestParser()
+    assert parser._fast
+    parser.feed(resp.encode_request([b"SET", b"k", b"v"]) + resp.encode_request([b"GET", b"k"]))
+    assert parser.next_request() == [b"SET", b"k", b"v"]
+    assert parser._reader is not None, "the canonical request did not take the hiredis path"
+    assert parser.next_request() == [b"GET", b"k"]
+    assert parser.next_request() is None and parser.buffered_bytes == 0
+
+
+_PIECES = [
+    resp.encode_request([b"GET", b"k"]), resp.encode_request([b"SET", b"k", b"v" * 40]),
+    resp.encode_request([b"a"] * 12), b"*1\r\n+PING\r\n", b"*1\r\n:1\r\n", b"*1\r\n-ERR\r\n",
+    b"*2\r\n*1\r\n$1\r\na\r\n", b"*1\r\n$-1\r\n", b"*0\r\n", b"*-1\r\n", b"PING\r\n", b"\r\n",
+    b"*1\r\n$4\r\nPI\x00G\r\n", b"*1\r\n$4\r\nPINGxx", b"*1\r\x00$4\r\x00PING\r\x00", b"*01\r\n$1\r\na\r\n",
+    b"*1\r\n$01\r\na\r\n", b"*1\r\n$+1\r\na\r\n", b"*2\r\n$1\r\na\r\n", b"*1\r\n=5\r\ntxt:a\r\n",
+    b"*1\r\n_\r\n", b"*1\r\n,1.5\r\n", b"*1\r\n#t\r\n", b"*3\r\n$3\r\nDEL\r\n$0\r\n\r\n$1\r\n\x00\r\n",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=12)), max_size=8),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=5))
+def test_fast_path_matches_the_reference_parser(pieces: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(pieces)
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in zip(points, points[1:])]
+    limits = ParserLimits(max_inline=64)
+    assert outcome(RequestParser(limits), chunks) == outcome(reference_parser(limits), chunks)
+
+
+# Issue 7, defect 16: the query buffer limit bounds what the buffered arguments cost in
+# memory, not only their payload bytes.
+
+
+def test_query_buffer_limit_bounds_memory_of_many_small_arguments() -> None:
+    import tracemalloc
+
+    limit = 4 << 20
+    chunk = b"$2\r\nab\r\n" * 8192  # 64 KiB of two-byte arguments
+    wire_total = 22 << 20
+    parser = RequestParser(ParserLimits(max_query_buffer=limit))
+    tracemalloc.start()
+    try:
+        sent = 0
+        with pytest.raises(QueryBufferLimitError):
+            parser.feed(b"*%d\r\n" % (wire_total // 8))
+            while sent < wire_total:
+                parser.feed(chunk)
+                sent += len(chunk)
+                assert parser.next_request() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Each argument costs ~45 bytes of objects for its 8 wire bytes: counted by payload
+    # alone the limit would let 22 MiB in (well over 100 MiB of objects).
+    assert sent < limit, f"{sent} wire bytes taken before the limit"
+    assert peak < 2 * limit, f"the parser held {peak / (1 << 20):.1f} MiB for a {limit >> 20} MiB limit"

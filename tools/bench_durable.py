@@ -512,7 +512,8 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
     ratios: dict[str, float] = {}
     table = results.get("set")
     if table:
-        print(f"\nredis-benchmark SET, durable ({os.cpu_count()} CPUs; apps on CPU {APP_CPU}, clients on CPU {CLIENT_CPU})")
+        print(f"\nredis-benchmark SET, durable ({os.cpu_count()} CPUs; apps on CPU {APP_CPU}, clients on CPU {CLIENT_CPU});"
+              " cpu us/req: the server, then each device host (named in the JSON)")
         names = list(table)
         print(f"{'':18s}" + "".join(f"{name[:20]:>21s}" for name in names) + f"{'vnic/linux':>12s}{'vnic/redis':>12s}")
         for clients in map(str, args.clients):
@@ -525,6 +526,12 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
                     f"c={clients:>3s} {label:12s} " + "".join(f"{v:21.0f}" for v in values)
                     + f"{ratio_or_nan(vnic, linux):12.2f}{ratio_or_nan(vnic, redis):12.2f}"
                 )  # fmt: skip
+            # CPU time per request (us, from schedstat): the server, then each device host.
+            cells = []
+            for name in names:
+                sched = table[name][clients].get("sched_per_request_us", {})
+                cells.append("+".join(f"{v['on_cpu']:.0f}" for v in sched.values()) or "-")
+            print(f"c={clients:>3s} {'cpu us/req':12s} " + "".join(f"{c:>21s}" for c in cells))
     raw = results.get("raw_log")
     if raw:
         print(f"\nraw log append ({raw['record_bytes']}-byte records; 16 writers = threads calling append)")

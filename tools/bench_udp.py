@@ -9,7 +9,9 @@ in the kernel). For each backend the client measures:
 * round-trip time, one request in flight (p50, p99, p99.9);
 * the highest request rate sustained: open-loop load at rising rates, each for a few
   seconds; a rate is sustained when at least 99% of requests come back (the RTT percentiles
-  under load are reported beside it).
+  under load are reported beside it);
+* the CPU time per request of the echo app and (vnic) of the VNIC device host, in each phase
+  (from /proc/PID/stat before and after it).
 
 It prints a table with vnic/linux ratios and writes the numbers to JSON. With ``--profile``
 the device host and the vnic echo app run under cProfile and their top functions are reported.
@@ -33,6 +35,8 @@ from kernelctl.names import Topology, topology
 from tools.benchlib import (
     APP_CPU,
     CLIENT_CPU,
+    CpuMeter,
+    format_cpu,
     have_root,
     kernelctl,
     machine_info,
@@ -127,9 +131,11 @@ def start_echo(backend: str, tag: str, port: int, profile_dir: str | None) -> su
     return start_app("libos.apps.echo", backend, tag, port, name="echo", profile=profile)
 
 
-def measure(topo: Topology, backend: str, ip: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure(topo: Topology, backend: str, ip: str, args: argparse.Namespace, meter: CpuMeter) -> dict[str, Any]:
     address = (ip, args.port)
+    meter.start()
     rtts = run_in_netns(topo.client_netns, latency_client, address, args.count, args.size, timeout=600, cpu=CLIENT_CPU)
+    latency_cpu = meter.per_request_us(args.count + args.count // 10)
     rtts.sort()
     result: dict[str, Any] = {
         "rtt_us": {
@@ -138,25 +144,30 @@ def measure(topo: Topology, backend: str, ip: str, args: argparse.Namespace) -> 
             "p99.9": percentile(rtts, 0.999),
             "samples": len(rtts),
         },
+        "cpu_us_per_request": latency_cpu,
         "rates": [],
     }
     best = 0.0
     for rate in RATES:
         if rate > args.max_rate:
             break
+        meter.start()
         step = run_in_netns(
             topo.client_netns, rate_client, address, float(rate), args.seconds, args.size, timeout=120, cpu=CLIENT_CPU
         )
+        step["cpu_us_per_request"] = meter.per_request_us(step["sent"])
         step["sustained"] = step["received"] >= 0.99 * step["sent"]
         result["rates"].append(step)
         print(
             f"  {backend:5s} offered {rate:6d}/s: achieved {step['achieved']:8.0f}/s "
-            f"p50 {step['p50_us']:7.0f} us p99 {step['p99_us']:7.0f} us {'ok' if step['sustained'] else 'NOT sustained'}",
+            f"p50 {step['p50_us']:7.0f} us p99 {step['p99_us']:7.0f} us {'ok' if step['sustained'] else 'NOT sustained'}"
+            f"  cpu us/req: {format_cpu(step['cpu_us_per_request'])}",
             flush=True,
         )
         if not step["sustained"]:
             break
         best = step["achieved"]
+        result["cpu_us_per_request_at_max_rate"] = step["cpu_us_per_request"]
     result["max_sustained_rate"] = best
     return result
 
@@ -189,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     kernelctl(args.tag, "up", env=env)
     apps = []
     try:
-        pin_device_hosts(topo, CLIENT_CPU, kinds=("vnic",))
+        hosts = pin_device_hosts(topo, CLIENT_CPU, kinds=("vnic",))
         apps = [start_echo("vnic", args.tag, args.port, profile_dir), start_echo("linux", args.tag, args.port, profile_dir)]
+        meters = {
+            "vnic": CpuMeter({"app": apps[0].pid, **{f"{kind}_host": pid for kind, pid in hosts.items()}}),
+            "linux": CpuMeter({"app": apps[1].pid}),
+        }
         for backend, ip in (("vnic", topo.vnic_ip), ("linux", topo.linux_ip)):
             print(f"measuring {backend} ({ip})", flush=True)
-            results[backend] = measure(topo, backend, ip, args)
+            results[backend] = measure(topo, backend, ip, args, meters[backend])
     finally:
         for process in apps:
             stop(process, timeout=15)
@@ -214,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':22s}{'vnic':>12s}{'linux':>12s}{'vnic/linux':>12s}")
     for name, a, b in rows:
         print(f"{name:22s}{a:12.1f}{b:12.1f}{ratio_or_nan(a, b):12.2f}")
+    # CPU time per request: the app, plus the VNIC device host for vnic (us).
+    for label, key in (("cpu us/req, ping-pong", "cpu_us_per_request"),
+                       ("cpu us/req, max rate", "cpu_us_per_request_at_max_rate")):
+        cells = []
+        for side in (vnic, linux):
+            cpu = side.get(key) or {}
+            parts = [f"{cpu['app']:.1f}"] if "app" in cpu else ["-"]
+            parts += [f"{value:.1f}" for who, value in cpu.items() if who != "app"]
+            cells.append("+".join(parts))
+        print(f"{label:22s}{cells[0]:>12s}{cells[1]:>12s}")
     if profile_dir:
         results["profiles"] = report_profiles(Path(profile_dir), limit=12)
     write_json(args.json, results)

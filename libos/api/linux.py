@@ -431,7 +431,7 @@ class LinuxLibOS(PollingRuntime):
                 return
             unsent.popleft()
             table.counters.pushed += 1
-            table.finish(token, QResult(Opcode.PUSH, qd))
+            table.finish(token, table.pushed(qd))
 
     def _stream_failed(self, qd: int, stream: _Stream, error: str) -> None:
         """A reset or another fatal error: every waiting operation fails with it."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from libos.api.types import Address, LibOSError, Opcode, QResult, SocketKind
@@ -53,6 +54,9 @@ class QueueTable:
         self._token_qd: dict[int, int] = {}
         self._pending: dict[int, set[int]] = {}  # qd -> backend-completed tokens
         self.done: dict[int, QResult] = {}
+        # One immutable "pushed" result per queue, handed out for every successful push
+        # (most completions are pushes; none of them needs an object of its own).
+        self._pushed: dict[int, QResult] = {}
         self.counters = QueueCounters()
 
     def new_queue(self, kind: SocketKind) -> int:
@@ -60,7 +64,13 @@ class QueueTable:
         self.kinds[qd] = kind
         self._arrived[qd] = deque()
         self._waiting_pops[qd] = deque()
+        self._pushed[qd] = QResult(Opcode.PUSH, qd)
         return qd
+
+    def pushed(self, qd: int) -> QResult:
+        """The (shared) result of a successful push on ``qd``."""
+        result = self._pushed.get(qd)
+        return QResult(Opcode.PUSH, qd) if result is None else result
 
     def check(self, qd: int) -> SocketKind:
         kind = self.kinds.get(qd)
@@ -72,6 +82,7 @@ class QueueTable:
         self.check(qd)
         del self.kinds[qd]
         del self._arrived[qd]
+        self._pushed.pop(qd, None)
         for token in self._waiting_pops.pop(qd):
             self._token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
@@ -93,7 +104,10 @@ class QueueTable:
 
     def completed(self, opcode: Opcode, qd: int, error: str = "") -> int:
         token = next(self._next_token)
-        self.done[token] = QResult(opcode, qd, error=error)
+        if opcode is Opcode.PUSH and not error:
+            self.done[token] = self.pushed(qd)
+        else:
+            self.done[token] = QResult(opcode, qd, error=error)
         return token
 
     def result(self, result: QResult) -> int:
@@ -165,6 +179,26 @@ class QueueTable:
                     raise LibOSError(f"unknown token {token}")
         return None
 
+    def take_many(self, tokens: Collection[int]) -> list[tuple[int, QResult]]:
+        """Every completed token of ``tokens`` with its result, taken out (completion
+        order); [] if none. LibOSError if a token is neither completed nor pending."""
+        done = self.done
+        if done:
+            # Walk the shorter side; membership in ``tokens`` is O(1) for a dict or set.
+            if len(done) <= len(tokens):
+                found = [token for token in done if token in tokens]
+            else:
+                found = [token for token in tokens if token in done]
+            if found:
+                pop = done.pop
+                return [(token, pop(token)) for token in found]
+        token_qd = self._token_qd
+        if not all(map(token_qd.__contains__, tokens)):
+            for token in tokens:
+                if token not in token_qd:
+                    raise LibOSError(f"unknown token {token}")
+        return []
+
     def _take_by_lookup(self, tokens: list[int]) -> tuple[int, QResult] | None:
         """Few completions wait (the usual case, a server waiting on one token per
         client): find each in the list (a scan in C) rather than look up every token."""
@@ -217,6 +251,33 @@ class PollingRuntime:
                 left = deadline - monotonic()
                 if left <= 0:
                     return None
+                self._sleep(left)
+            else:
+                self._sleep(3600.0)
+
+    def wait_many(self, tokens: Collection[int], timeout: float | None = None) -> list[tuple[int, QResult]]:
+        """What completed among ``tokens``, all of it: see ``LibOS.wait_many``.
+
+        Completions already there are returned without polling; otherwise one progress
+        step, then sleep until the deadline or until something may have happened.
+        """
+        if not tokens:
+            raise LibOSError("wait_many needs at least one token")
+        table = self.table
+        found = table.take_many(tokens)
+        if found:
+            return found
+        monotonic = time.monotonic
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            self._progress(monotonic())
+            found = table.take_many(tokens)
+            if found:
+                return found
+            if deadline is not None:
+                left = deadline - monotonic()
+                if left <= 0:
+                    return found
                 self._sleep(left)
             else:
                 self._sleep(3600.0)

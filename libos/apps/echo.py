@@ -27,6 +27,9 @@ def parse_rate(text: str) -> int:
     return int(lowered)
 
 
+POPS_IN_FLIGHT = 16
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=BACKENDS, required=True)
@@ -62,17 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"echo: ready backend={args.backend} port={args.port}", flush=True)
     received = 0
     received_bytes = 0
-    token = los.pop(qd)
+    # Several pops wait at once and one wait hands back a poll's worth of datagrams; push
+    # tokens are collected too (True marks a pop), so no completed result is left behind.
+    pending: dict[int, bool] = {los.pop(qd): True for _ in range(POPS_IN_FLIGHT)}
     while not stopping:
-        result = los.wait(token, timeout=0.2)
-        if result is None:
-            continue
-        if result.opcode is Opcode.POP and result.address is not None:
-            received += 1
-            received_bytes += len(result.data)
-            if not args.sink:
-                los.pushto(qd, result.data, result.address)
-        token = los.pop(qd)
+        for token, result in los.wait_many(pending, 0.2):
+            if not pending.pop(token):
+                continue  # a push completed
+            if result.opcode is Opcode.POP and result.address is not None:
+                received += 1
+                received_bytes += len(result.data)
+                if not args.sink:
+                    pending[los.pushto(qd, result.data, result.address)] = False
+            pending[los.pop(qd)] = True
     stats = los.stats()
     stats.update(received=received, received_bytes=received_bytes)
     print("echo: stats " + json.dumps(stats), flush=True)

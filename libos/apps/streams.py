@@ -7,8 +7,9 @@ servers both run on it.
 
 Why the loop looks the way it does:
 
-* One token list for every pending operation, waited on with ``wait_any``. The index it
-  returns lets a completed token be replaced in place, so a turn costs O(1) bookkeeping
+* One dict of every pending token, waited on with ``wait_many``, which hands back every
+  completion of one poll at once; each token maps to its connection (a pop or a push of
+  it) or to a handler, so a completion costs one dict lookup and no object of its own,
   whatever the number of connections.
 * At most one push in flight per connection. Output produced meanwhile accumulates in the
   session, which stops running requests at its high-water mark; a client that does not read
@@ -57,40 +58,6 @@ class StreamSession(Protocol):
 
 
 Handler = Callable[[QResult], None]
-
-
-class TokenSet:
-    """Pending tokens and what to do when each completes, in the list ``wait_any`` takes."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.handlers: list[Handler] = []
-
-    def add(self, token: int, handler: Handler) -> None:
-        self.tokens.append(token)
-        self.handlers.append(handler)
-
-    def take(self, index: int) -> Handler:
-        """Forget the token at ``index`` (it completed); its handler."""
-        handler = self.handlers[index]
-        last = len(self.tokens) - 1
-        # Swap with the last entry: removal in O(1), order does not matter to wait_any.
-        self.tokens[index] = self.tokens[last]
-        self.handlers[index] = self.handlers[last]
-        self.tokens.pop()
-        self.handlers.pop()
-        return handler
-
-    def remove_token(self, token: int) -> bool:
-        try:
-            index = self.tokens.index(token)
-        except ValueError:
-            return False
-        self.take(index)
-        return True
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
 
 @dataclass
@@ -144,33 +111,51 @@ class StreamServer:
         # Called once a turn's events are handled; True means replies were released (a
         # group commit made writes durable) and idle connections may have output to send.
         self.on_turn_end = on_turn_end
-        self.pending = TokenSet()
+        # Every token this loop waits on: a connection's pop or push token maps to the
+        # connection (which of the two it is, its pop_token says), any other to its handler.
+        self.pending: dict[int, Connection | Handler] = {}
         self.connections: dict[int, Connection] = {}
         self.busy: set[Connection] = set()
         self.counters = ServerCounters()
-        self.pending.add(los.accept(listen_qd), self._accepted)
+        self.pending[los.accept(listen_qd)] = self._accepted
 
     def watch(self, token: int, handler: Handler) -> None:
         """Wait on ``token`` in this loop too (e.g. a UDP queue served alongside)."""
-        self.pending.add(token, handler)
+        self.pending[token] = handler
 
     def serve(self, should_stop: Callable[[], bool], idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         while not should_stop():
             self.turn(idle_timeout)
 
     def turn(self, idle_timeout: float) -> None:
-        """One loop turn: handle up to EVENTS_PER_TURN completions, then the busy sessions."""
+        """One loop turn: handle completions in batches (at least one batch, up to about
+        EVENTS_PER_TURN completions), then the busy sessions."""
         now = self.clock()
         if self.on_turn is not None:
             self.on_turn(now)
         timeout = 0.0 if self.busy else idle_timeout
         pending = self.pending
-        for _ in range(EVENTS_PER_TURN):
-            found = self.los.wait_any(pending.tokens, timeout)
-            if found is None:
+        wait_many = self.los.wait_many
+        handled = 0
+        while handled < EVENTS_PER_TURN:
+            # After the first batch, what the handlers' own operations completed at once
+            # (a push the stack took whole) comes back without another poll.
+            batch = wait_many(pending, timeout)
+            if not batch:
                 break
-            index, result = found
-            pending.take(index)(result)
+            pop = pending.pop
+            for token, result in batch:
+                target = pop(token, None)
+                if target is None:
+                    continue  # its connection closed while this batch was handled
+                if type(target) is Connection:
+                    if token == target.pop_token:
+                        self._popped(target, result)
+                    else:
+                        self._pushed(target, result)
+                else:
+                    target(result)  # type: ignore[operator]  # not a Connection: a Handler
+            handled += len(batch)
             timeout = 0.0
         if self.busy:
             self.counters.busy_turns += 1
@@ -186,7 +171,7 @@ class StreamServer:
                     self._after_feed(conn)
 
     def _accepted(self, result: QResult) -> None:
-        self.pending.add(self.los.accept(self.listen_qd), self._accepted)
+        self.pending[self.los.accept(self.listen_qd)] = self._accepted
         if result.opcode is not Opcode.ACCEPT or result.new_qd < 0:
             # A connection that failed before we took it; the listener goes on.
             self.counters.accept_failed += 1
@@ -208,7 +193,7 @@ class StreamServer:
             self._close(conn)
             return
         conn.pop_token = token
-        self.pending.add(token, lambda result: self._popped(conn, result))
+        self.pending[token] = conn
 
     def _popped(self, conn: Connection, result: QResult) -> None:
         conn.pop_token = None
@@ -261,7 +246,7 @@ class StreamServer:
             return
         self.counters.bytes_out += len(out)
         conn.push_token = token
-        self.pending.add(token, lambda result: self._pushed(conn, result))
+        self.pending[token] = conn
 
     def _pushed(self, conn: Connection, result: QResult) -> None:
         conn.push_token = None
@@ -298,7 +283,7 @@ class StreamServer:
     def _reap(self, token: int) -> None:
         # The backend may complete a closed queue's tokens (FAILED) or forget them; either
         # way this loop stops waiting, and a completed one is collected so none piles up.
-        self.pending.remove_token(token)
+        self.pending.pop(token, None)
         try:
             self.los.wait(token, timeout=0.0)
         except LibOSError:

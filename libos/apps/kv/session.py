@@ -80,6 +80,12 @@ class KvSession:
                 self._emit(exc.reply, None)
                 self._close_after_reply(f"protocol error: {exc.message}")
                 return
+            except QueryBufferLimitError as exc:
+                # The arguments parsed so far cost more than the limit (their per-argument
+                # overhead counts): like Redis at client-query-buffer-limit, drop the client
+                # without a reply.
+                self._abort(str(exc))
+                return
             if argv is None:
                 return
             executed = self.engine.execute(argv, now, self.client)
