@@ -17,6 +17,7 @@ function: an error in one vfio-user session closes that session and removes that
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import socket
@@ -30,13 +31,22 @@ from vdev import control
 from vdev.vfio_user.server import VfioUserServerConnection
 
 MAX_SLEEP = 0.05  # a lost wakeup (see vdev.ring) costs at most this much latency
-# While busy, the loop polls flat out only for TIGHT_POLL after the last work (an application
-# answers within that, typically); after that, until the spin window closes, it looks at the
-# rings every RELAXED_POLL and gives the CPU away in between. Hardware polls for free; this
-# host's polling competes for CPUs with the applications and clients it serves, and on a
-# small machine a poller that never lets go adds whole scheduler slices to their latency.
-TIGHT_POLL = 0.001
+# Hardware polls for free; this host's polling competes for CPUs with the applications, the
+# clients and the other device host it serves, and on a small machine a poller that never
+# lets go adds whole scheduler slices to their latency (docs/design.md, "Polling on a small
+# machine", has the measurements behind these numbers). So while busy the loop polls:
+#
+# * tightly, for TIGHT_POLL, only after it delivered a frame from the wire: an application
+#   is answering it right now and its answer is worth catching at once. Each pass gives the
+#   core to any other runnable task first (sched_yield), so the spin only uses idle time;
+# * relaxed otherwise, until the spin window closes: a sleep of RELAXED_POLL between looks
+#   at the rings, which any doorbell, wire frame or management message ends early.
+TIGHT_POLL = 0.0002
 RELAXED_POLL = 0.0001
+# Linux lets a sleep of RELAXED_POLL overrun by the timer slack, 50 us by default: half as
+# much again. A device host wants its short sleeps on time.
+TIMER_SLACK_NS = 1000
+_PR_SET_TIMERSLACK = 29
 MAX_FUNCTIONS = 64
 
 
@@ -88,6 +98,7 @@ class DeviceHostBase:
         self._conns: dict[int, tuple[VfioUserServerConnection, int]] = {}
         self._busy_until = 0.0
         self._last_work = 0.0
+        self._tight_until = 0.0
         self.channel = control.Channel(mgmt_sock, max_input=control.MAX_REQUEST)
         self._mgmt_events = select.EPOLLIN
         self.epoll.register(self.mgmt.fileno(), select.EPOLLIN)
@@ -131,9 +142,12 @@ class DeviceHostBase:
             busy = now < self._busy_until
             if busy:
                 timeout = 0.0
-                if now - self._last_work > TIGHT_POLL:
+                if now >= self._tight_until:
                     # Relaxed polling: a short sleep that any frame, doorbell or message ends.
                     select.select(epoll_fd, (), (), RELAXED_POLL)
+                else:
+                    # Tight polling, but never ahead of another task that wants this core.
+                    os.sched_yield()
             else:
                 timeout = MAX_SLEEP
                 deadline = self._deadline()
@@ -149,21 +163,25 @@ class DeviceHostBase:
                 device.set_asleep(False)
                 device.sync_rings()
             work = 0
+            wire_work = 0
             for fd, mask in events:
                 queue = wire_fds.get(fd)
                 if queue is not None:
-                    work += self._on_wire(queue, now)
+                    wire_work += self._on_wire(queue, now)
                 elif fd == self.mgmt.fileno():
                     self._on_mgmt(mask)
                 else:
                     work += self._on_vfio(fd, mask)
-            work += self._poll(now)
+            work += wire_work + self._poll(now)
             device.raise_irqs()
             if work:
                 # From the end of the work, not its start: a long flush must not send the
                 # host to sleep the moment it finishes.
                 self._last_work = monotonic()
                 self._busy_until = self._last_work + self.spin
+                if wire_work:
+                    # Frames went to an application: its answer comes within microseconds.
+                    self._tight_until = self._last_work + TIGHT_POLL
 
     def wake(self, function: object) -> None:
         # A doorbell: the driver posted work while we slept. Stay awake to poll its rings.
@@ -308,6 +326,7 @@ def serve(host: DeviceHostBase, profile_name: str | None = None) -> None:
     runs under cProfile and the profile is written there as ``NAME-PID.prof``, to show where
     the device host's time goes.
     """
+    set_timer_slack(TIMER_SLACK_NS)
     profile_dir = os.environ.get("ARRAKIS_PROFILE_DIR") if profile_name else None
     profiler = None
     if profile_dir:
@@ -322,3 +341,16 @@ def serve(host: DeviceHostBase, profile_name: str | None = None) -> None:
         if profiler is not None and profile_dir:
             profiler.disable()
             profiler.dump_stats(os.path.join(profile_dir, f"{profile_name}-{os.getpid()}.prof"))
+
+
+def set_timer_slack(nanoseconds: int) -> bool:
+    """Set this thread's timer slack (prctl PR_SET_TIMERSLACK); False where Linux refused.
+
+    Only a latency matter: a host whose slack cannot be set still works, its relaxed polls
+    just overrun a little.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(nanoseconds), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
