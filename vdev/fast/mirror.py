@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
+_WHY = {  # vfast.h VF_WHY_*: why a frame or descriptor went to the Python model
+    "rx_long": 0,
+    "rx_not_l4": 1,
+    "rx_no_filter": 2,
+    "rx_slow_function": 3,
+    "rx_no_buffer": 4,
+    "rx_bad_buffer": 5,
+    "tx_length": 8,
+    "tx_iommu": 9,
+    "tx_mac": 10,
+    "tx_not_l4": 11,
+    "tx_no_filter": 12,
+}
 _NO_FUNCTION = _U32  # an exact transmit filter of a function the device does not hold
 
 
@@ -43,6 +56,7 @@ class FastPath:
 
     def __init__(self, rx_budget: int, tx_budget: int) -> None:
         module = load_module()
+        self._module_name: str = module.__name__
         self.ffi: Any = module.ffi
         self.lib: Any = module.lib
         ffi, lib = self.ffi, self.lib
@@ -295,22 +309,42 @@ class FastPath:
             if fds:
                 fd = fds[0]  # TapBackend.send puts every frame on queue 0
         budget = min(budget, self.tx_budget)
-        try:
-            self._load_function(slot, function, False, queue)
-            done = self.lib.vf_tx_burst(
-                self._dev, slot, queue, budget, self._tx_out, self._tx_out_size, self._tx_lens, self._tx_sent, fd
-            )
-            self._store_back(device, slot, function, False)
-        finally:
-            self._release()
-        if done and fd < 0:
-            out = self.ffi.buffer(self._tx_out)
-            slot_size = self.lib.VF_ARENA_SLOT
-            for index in range(done):
-                device.send_to_wire(out[index * slot_size : index * slot_size + self._tx_lens[index]])
-        self._drain_device(device)
-        self.tx_fast_frames += done
-        return int(done)
+        total = 0
+        dev = self._dev
+        # The driver posts while the device works: when C found the ring empty (rather
+        # than stopping at a descriptor for the model) and budget is left, look again, so
+        # frames posted meanwhile go out here and not through the slower model.
+        while total < budget:
+            dev.handed_back = 0
+            try:
+                self._load_function(slot, function, False, queue)
+                done = self.lib.vf_tx_burst(
+                    dev, slot, queue, budget - total, self._tx_out, self._tx_out_size, self._tx_lens, self._tx_sent, fd
+                )
+                self._store_back(device, slot, function, False)
+            finally:
+                self._release()
+            if done and fd < 0:
+                out = self.ffi.buffer(self._tx_out)
+                slot_size = self.lib.VF_ARENA_SLOT
+                for index in range(done):
+                    device.send_to_wire(out[index * slot_size : index * slot_size + self._tx_lens[index]])
+            self._drain_device(device)
+            total += done
+            if done == 0 or dev.handed_back or ring.pending() <= 0:
+                break
+        self.tx_fast_frames += total
+        return int(total)
+
+    def stats(self) -> dict[str, object]:
+        """For the device's snapshot: which build runs and how much it carried."""
+        why = self._dev.why
+        return {
+            "module": self._module_name,
+            "rx_frames": self.rx_fast_frames,
+            "tx_frames": self.tx_fast_frames,
+            "to_model": {name: int(why[index]) for name, index in _WHY.items() if why[index]},
+        }
 
 
 def make_fast_path(rx_budget: int, tx_budget: int) -> FastPath | None:

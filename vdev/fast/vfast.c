@@ -130,6 +130,14 @@ static void count_filter(vf_dev *dev, uint32_t slot, uint32_t len)
     dev->filter_bytes[slot] += len;
 }
 
+static uint32_t why(vf_dev *dev, unsigned reason, uint32_t index)
+{
+    if (reason < sizeof dev->why / sizeof dev->why[0])
+        dev->why[reason]++;
+    dev->handed_back = 1;
+    return index;
+}
+
 static int ring_ok(const vf_ring *r)
 {
     return r->descs != NULL && r->prod_reg != NULL && r->cons_reg != NULL && r->size >= 8
@@ -160,31 +168,31 @@ uint32_t vf_rx_steer(vf_dev *dev, const uint8_t *arena, uint32_t arena_size, con
         if ((uint64_t)(i + 1) * VF_RX_SLOT > arena_size)
             return i; /* the caller's count is past its arena: stop, never read past it */
         if (len > VF_MAX_FRAME)
-            return i; /* longer than the fast case: Python decides */
+            return why(dev, VF_WHY_RX_LONG, i); /* longer than the fast case: Python decides */
         const uint8_t *f = arena + (size_t)i * VF_RX_SLOT;
         uint32_t proto, ip, port;
         if (!transport_key(f, len, 0, &proto, &ip, &port))
-            return i;
+            return why(dev, VF_WHY_RX_NOT_L4, i);
         const vf_entry *e = lookup(dev->rx, dev->rx_mask, proto, ip, port);
         if (e == NULL || e->fn >= dev->nfns || e->filter >= dev->nfilters)
-            return i;
+            return why(dev, VF_WHY_RX_NO_FILTER, i);
         vf_fn *fn = &dev->fns[e->fn];
         if (!fn->rx_fast || e->queue >= fn->nqueues || e->queue >= VF_MAX_QUEUES)
-            return i;
+            return why(dev, VF_WHY_RX_SLOW_FUNCTION, i);
         vf_ring *r = &fn->rx[e->queue];
         if (!ring_ok(r))
-            return i;
+            return why(dev, VF_WHY_RX_NO_BUFFER, i);
         uint32_t prod = __atomic_load_n(r->prod_reg, __ATOMIC_ACQUIRE);
         uint32_t pending = prod - r->cons;
         if (pending == 0 || pending > r->size)
-            return i; /* no buffer, or a broken ring: the Python model counts it */
+            return why(dev, VF_WHY_RX_NO_BUFFER, i); /* the Python model counts it */
         desc_t d;
         fetch_desc(r, r->cons, &d);
         if (len > d.length)
-            return i;
+            return why(dev, VF_WHY_RX_BAD_BUFFER, i);
         uint8_t *dst = translate(fn, d.iova, len, 1);
         if (dst == NULL)
-            return i;
+            return why(dev, VF_WHY_RX_BAD_BUFFER, i);
         memcpy(dst, f, len);
         write_back(r, r->cons, (uint16_t)len, 0);
         r->cons += 1;
@@ -222,22 +230,32 @@ uint32_t vf_tx_burst(vf_dev *dev, uint32_t fnum, uint32_t queue, uint32_t budget
         desc_t d;
         fetch_desc(r, r->cons, &d);
         uint32_t len = d.length;
-        if (len < ETH_HLEN || len > VF_MAX_FRAME)
+        if (len < ETH_HLEN || len > VF_MAX_FRAME) {
+            why(dev, VF_WHY_TX_LENGTH, 0);
             break;
+        }
         const uint8_t *src = translate(fn, d.iova, len, 0);
-        if (src == NULL)
+        if (src == NULL) {
+            why(dev, VF_WHY_TX_IOMMU, 0);
             break;
+        }
         /* Copy first, then check: the filter judges the bytes that go on the wire. */
         uint8_t *frame = out + (size_t)done * VF_ARENA_SLOT;
         memcpy(frame, src, len);
-        if (memcmp(frame + 6, fn->mac, 6) != 0)
+        if (memcmp(frame + 6, fn->mac, 6) != 0) {
+            why(dev, VF_WHY_TX_MAC, 0);
             break;
+        }
         uint32_t proto, ip, port;
-        if (!transport_key(frame, len, 1, &proto, &ip, &port))
+        if (!transport_key(frame, len, 1, &proto, &ip, &port)) {
+            why(dev, VF_WHY_TX_NOT_L4, 0);
             break;
+        }
         const vf_entry *e = lookup(dev->tx, dev->tx_mask, proto, ip, port);
-        if (e == NULL || e->fn != fnum || e->filter >= dev->nfilters)
+        if (e == NULL || e->fn != fnum || e->filter >= dev->nfilters) {
+            why(dev, VF_WHY_TX_NO_FILTER, 0);
             break;
+        }
         write_back(r, r->cons, (uint16_t)len, 0);
         r->cons += 1;
         out_lens[done] = len;

@@ -69,7 +69,22 @@ typedef struct {
     /* device counters, drained after each burst */
     uint64_t wire_rx_packets, wire_rx_bytes, wire_tx_packets, wire_tx_bytes, wire_tx_dropped;
     uint64_t delivered;
+    /* why frames and descriptors went to the Python model (VF_WHY_*): diagnostics */
+    uint64_t why[16];
+    uint32_t handed_back;  /* set when a burst stopped at a frame or descriptor for Python */
 } vf_dev;
+
+#define VF_WHY_RX_LONG 0
+#define VF_WHY_RX_NOT_L4 1
+#define VF_WHY_RX_NO_FILTER 2
+#define VF_WHY_RX_SLOW_FUNCTION 3
+#define VF_WHY_RX_NO_BUFFER 4
+#define VF_WHY_RX_BAD_BUFFER 5
+#define VF_WHY_TX_LENGTH 8
+#define VF_WHY_TX_IOMMU 9
+#define VF_WHY_TX_MAC 10
+#define VF_WHY_TX_NOT_L4 11
+#define VF_WHY_TX_NO_FILTER 12
 
 /* Read up to max frames from a non-blocking fd into arena slots (VF_RX_SLOT bytes each). Returns the number read; stops
  * at EAGAIN or any error. lens[i] is the length read(2) returned. */

@@ -168,6 +168,7 @@ class VnicDevice:
             "default_function": self.default.counters.as_dict(),
             "functions": [function.snapshot() for function in self.functions.values()],
             "filters": self.filters.stats(),
+            "fast": None if self.fast is None else self.fast.stats(),
         }
 
     def close(self) -> None:
