@@ -369,7 +369,9 @@ def test_sanitized_build_passes_the_differential_test() -> None:
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     env.pop("ARRAKIS_PURE", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+        # --noconftest: the suite's session hooks run system tools, which must not inherit
+        # the libasan preload; this module needs no fixture from there.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__,
          "-k", "not sanitized", "-o", "addopts="],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
