@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from vdev.fast.mirror import make_fast_path
 from vdev.vnic.backend import WireBackend
 from vdev.vnic.default_function import DefaultFunction
 from vdev.vnic.filters import DEFAULT_FUNCTION, TX_REFUSED, FilterTable, Match
@@ -44,6 +45,7 @@ class VnicDevice:
         self.counters = DeviceCounters()
         self._irq_pending: set[VnicFunction] = set()
         self.tx_deadline: float | None = None  # when a rate-limited TX ring may go on
+        self.fast = make_fast_path(RX_BUDGET, TX_BUDGET)  # None: pure Python (ARRAKIS_PURE=1)
 
     # ---- configuration (from the control plane) -------------------------------------
 
@@ -76,9 +78,12 @@ class VnicDevice:
 
     # ---- data path -------------------------------------------------------------------
 
-    def receive_from_wire(self, queue: int, now: float) -> int:
-        """Take a burst of frames off wire queue ``queue`` and steer each one."""
-        frames = self.backend.receive(queue, RX_BUDGET)
+    def receive_from_wire(self, queue: int, now: float, frames: list[bytes] | None = None) -> int:
+        """Take a burst of frames off wire queue ``queue`` (or steer ``frames``)."""
+        if frames is None:
+            if self.fast is not None:
+                return self.fast.receive_from_wire(self, queue, now)
+            frames = self.backend.receive(queue, RX_BUDGET)
         if not frames:
             return 0
         counters = self.counters
@@ -122,11 +127,12 @@ class VnicDevice:
             for queue in range(function.num_queues):
                 if function.tx_rings[queue] is None:
                     continue
-                frames, wait = function.transmit(queue, TX_BUDGET, now, allowed)
+                fast_sent = 0 if self.fast is None else self.fast.transmit(self, function, queue, TX_BUDGET)
+                frames, wait = function.transmit(queue, TX_BUDGET - fast_sent, now, allowed)
                 for frame in frames:
                     self.send_to_wire(frame)
-                if frames:
-                    sent += len(frames)
+                if frames or fast_sent:
+                    sent += len(frames) + fast_sent
                     self._irq_pending.add(function)
                 if wait > 0:
                     due = now + wait
@@ -164,6 +170,7 @@ class VnicDevice:
             "default_function": self.default.counters.as_dict(),
             "functions": [function.snapshot() for function in self.functions.values()],
             "filters": self.filters.stats(),
+            "fast": None if self.fast is None else self.fast.stats(),
         }
 
     def close(self) -> None:
