@@ -225,8 +225,7 @@ class VnicDriver(FunctionDriver):
             options, len(options), payload_ptr, len(payload),
         )  # fmt: skip
         if length < 0:
-            self.counters.tx_errors += 1
-            return True  # as the pure path does with a frame too long: counted, dropped
+            return False  # too long for a frame: the general path refuses it in its own words
         tx.prod = (tx.prod + 1) & U32_MASK
         if tx.publish():
             self._ring_doorbell(self._tx_doorbell)
@@ -295,6 +294,11 @@ class VnicDriver(FunctionDriver):
             self._fast = None
             fast.ffi.release(self._fast_mem)
         super().close()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the C bursts and ``transmit_tcp`` are in use (not ARRAKIS_PURE)."""
+        return self._fast is not None
 
     def has_rx(self) -> bool:
         return self.rx.completed() != 0

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cffi import FFI
+from cffi import FFI  # type: ignore[import-untyped]
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "arx_fast.c",)
