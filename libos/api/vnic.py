@@ -88,8 +88,8 @@ class VnicLibOS(PollingRuntime):
             streams = self.streams
             if streams is None:
                 streams = self.streams = VnicStreams(self.table, TCP_CONFIG)
-                if self.stack is not None:
-                    self.stack.register_ip_protocol(PROTO_TCP, streams.ip_input)
+                if self.stack is not None and self.driver is not None:
+                    streams.attach(self.stack, self.driver)
             return streams.socket()
         if kind is not SocketKind.UDP:
             raise LibOSError(f"unknown socket kind {kind!r}")
@@ -176,7 +176,7 @@ class VnicLibOS(PollingRuntime):
         self.function_id = int(info.get("function_id", -1))
         self.stack = NetStack(self.driver.mac, self.driver.ipv4, self._prefix_len)
         if self.streams is not None:
-            self.stack.register_ip_protocol(PROTO_TCP, self.streams.ip_input)
+            self.streams.attach(self.stack, self.driver)
 
     # ---- stream queues -----------------------------------------------------------------
 
@@ -322,9 +322,7 @@ class VnicLibOS(PollingRuntime):
         frames = driver.receive()
         work = len(frames)
         if frames:
-            receive = stack.receive
-            for frame in frames:
-                receive(frame, now)
+            stack.receive_burst(frames, driver.rx_kinds, now)
             self._deliver_events()
         streams = self.streams
         if streams is not None:

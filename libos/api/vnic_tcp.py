@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 
 from libos.api.queues import QueueTable
 from libos.api.types import Address, LibOSError, Opcode, QResult, SocketKind
+from libos.driver.vnic import VnicDriver
+from libos.net.stack import NetStack
 from libos.net.tcp import Connected, TcpConfig, TcpConnection, TcpLayer, TcpListener, TcpState
-from vdev.wire.ipv4 import Ipv4Packet
+from vdev.wire.ipv4 import PROTO_TCP, Ipv4Packet
 
 RECV_SIZE = 65536
 MAX_PENDING_SENDS = 1024
@@ -85,6 +87,19 @@ class VnicStreams:
 
     def __contains__(self, qd: int) -> bool:
         return qd in self._streams
+
+    def attach(self, stack: NetStack, driver: VnicDriver) -> None:
+        """Take IP protocol 6 from ``stack``; on the compiled path, TCP frames are built
+        in C into the driver's TX buffers and checksum-verified segments skip Python's check."""
+        stack.register_ip_protocol(PROTO_TCP, self.ip_input)
+        if driver.compiled:
+            stack.tcp_writer = driver.transmit_tcp
+            stack.tcp_input_verified = self._verified_input
+            self.tcp.direct_send = stack.send_tcp
+
+    def _verified_input(self, src_ip: bytes, dst_ip: bytes, segment: memoryview, now: float) -> None:
+        self._stale = True
+        self.tcp.segment_received(src_ip, dst_ip, segment, now, True)
 
     def ip_input(self, packet: Ipv4Packet, raw: bytes, now: float) -> None:
         """The ``NetStack`` handler for IP protocol 6."""

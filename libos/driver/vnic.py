@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import Any
 
+from libos import fast
 from libos.driver.base import FunctionDriver, page_align
 from vdev import layout
 from vdev.ring import DriverRing, U32_MASK
@@ -102,6 +104,33 @@ class VnicDriver(FunctionDriver):
         for slot in range(ring_size):
             self.rx.post(IOVA_BASE + self._rx_buf_off + slot * layout.VNIC_BUFFER_SIZE, layout.VNIC_BUFFER_SIZE, 0, 0, 0)
         self.rx.publish()
+        # What the last ``receive`` learnt about each frame in C (``libos.fast.KIND_*``);
+        # empty on the pure path.
+        self.rx_kinds: list[int] = []
+        self._fast: Any = None
+        if fast.ENABLED:
+            self._setup_fast(ring_size)
+
+    def _setup_fast(self, ring_size: int) -> None:
+        """Raw pointers into the DMA region for the C bursts, and the RX staging arena."""
+        ffi = fast.ffi
+        mem = ffi.from_buffer("uint8_t[]", self._mem_view, require_writable=True)
+        buf = layout.VNIC_BUFFER_SIZE
+        self._fast_mem = mem  # keeps the buffer exported while the pointers below live
+        self._fast_rx_descs = ffi.cast("struct arx_desc *", mem + self._rx_desc_off)
+        self._fast_tx_descs = ffi.cast("struct arx_desc *", mem + self._tx_desc_off)
+        self._fast_rx_bufs = mem + self._rx_buf_off
+        self._fast_tx_bufs = mem + self._tx_buf_off
+        self._fast_bufs_len = ring_size * buf
+        # Frames are copied out of the RX buffers into this arena in one C call, so the
+        # buffers go back to the device at once, as on the pure path.
+        self._fast_arena = bytearray(ring_size * buf)
+        self._fast_arena_view = memoryview(self._fast_arena)
+        self._fast_arena_ptr = ffi.from_buffer("uint8_t[]", self._fast_arena, require_writable=True)
+        self._fast_lengths = ffi.new("uint32_t[]", ring_size)
+        self._fast_kinds = ffi.new("uint8_t[]", ring_size)
+        self._fast_errors = ffi.new("uint32_t *")
+        self._fast = fast.lib
 
     # ---- data path -------------------------------------------------------------------
 
@@ -113,6 +142,8 @@ class VnicDriver(FunctionDriver):
             return []
         if ready > budget:
             ready = budget
+        if self._fast is not None:
+            return self._receive_fast(ready)
         frames: list[bytes] = []
         mem = self._mem_view
         base = self._rx_buf_off
@@ -135,6 +166,72 @@ class VnicDriver(FunctionDriver):
         rx.publish()
         return frames
 
+    def _receive_fast(self, ready: int) -> list[bytes]:
+        rx = self.rx
+        buf = layout.VNIC_BUFFER_SIZE
+        count = self._fast.arx_rx_burst(
+            self._fast_rx_descs, rx.mask, self._fast_rx_bufs, self._fast_bufs_len,
+            IOVA_BASE + self._rx_buf_off, buf, rx.reaped, ready,
+            self._fast_arena_ptr, len(self._fast_arena), self._fast_lengths, self._fast_kinds,
+            self._fast_errors,
+        )  # fmt: skip
+        if count < 0:
+            raise DriverError("the RX burst was refused its own ring geometry (a driver bug)")
+        # Every slot taken was posted back (prod stays reaped + ring size, as on the pure path).
+        rx.reap(ready)
+        rx.prod = (rx.prod + ready) & U32_MASK
+        rx.publish()
+        self.counters.rx_errors += self._fast_errors[0]
+        self.counters.rx_packets += count
+        arena = self._fast_arena_view
+        lengths = self._fast_lengths
+        self.rx_kinds = list(self._fast_kinds[0:count])
+        return [arena[i * buf : i * buf + lengths[i]].tobytes() for i in range(count)]
+
+    def transmit_tcp(
+        self,
+        macs_ips: bytes,
+        ttl: int,
+        ident: int,
+        src_port: int,
+        dst_port: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        options: bytes,
+        payload: bytes | bytearray | memoryview,
+    ) -> bool:
+        """Build one TCP segment in C straight into a TX buffer and post it.
+
+        ``macs_ips`` is destination MAC, source MAC, source IPv4, destination IPv4 (20
+        bytes). False when there is no room on the ring or no compiled path: the caller
+        then takes the general path.
+        """
+        lib = self._fast
+        if lib is None:
+            return False
+        tx = self.tx
+        if tx.space() == 0:
+            self._reap_tx()
+            if tx.space() == 0:
+                return False
+        ffi = fast.ffi
+        payload_ptr = payload if type(payload) is bytes else ffi.from_buffer(payload)
+        length = lib.arx_tx_tcp(
+            self._fast_tx_descs, tx.mask, self._fast_tx_bufs, self._fast_bufs_len,
+            IOVA_BASE + self._tx_buf_off, layout.VNIC_BUFFER_SIZE, tx.prod,
+            macs_ips, macs_ips[12:], ttl, ident, src_port, dst_port, seq, ack, flags, window,
+            options, len(options), payload_ptr, len(payload),
+        )  # fmt: skip
+        if length < 0:
+            return False  # too long for a frame: the general path refuses it in its own words
+        tx.prod = (tx.prod + 1) & U32_MASK
+        if tx.publish():
+            self._ring_doorbell(self._tx_doorbell)
+        self.counters.tx_packets += 1
+        return True
+
     def transmit(self, frames: list[bytes]) -> int:
         """Post frames on the TX ring; returns how many were taken (the rest: ring full)."""
         tx = self.tx
@@ -147,6 +244,23 @@ class VnicDriver(FunctionDriver):
         base = self._tx_buf_off
         mask = tx.mask
         taken = 0
+        lib = self._fast
+        if lib is not None:
+            descs = self._fast_tx_descs
+            bufs = self._fast_tx_bufs
+            bufs_len = self._fast_bufs_len
+            iova = IOVA_BASE + base
+            size = layout.VNIC_BUFFER_SIZE
+            post = lib.arx_tx_post
+            from_buffer = fast.ffi.from_buffer
+            for frame in frames[:count]:
+                data = frame if type(frame) is bytes else from_buffer(frame)
+                if post(descs, mask, bufs, bufs_len, iova, size, tx.prod, data, len(frame)):
+                    self.counters.tx_errors += 1
+                    continue
+                tx.prod = (tx.prod + 1) & U32_MASK
+                taken += 1
+            frames = []
         for frame in frames[:count]:
             length = len(frame)
             if length > layout.VNIC_BUFFER_SIZE:
@@ -172,6 +286,19 @@ class VnicDriver(FunctionDriver):
             if tx.peek(start + offset)[3] != layout.DESC_OK:
                 self.counters.tx_errors += 1
         tx.reap(done)
+
+    def close(self) -> None:
+        if getattr(self, "_fast", None) is not None:
+            # The raw pointers hold an export of the DMA view, which must end before
+            # the base class releases the view and unmaps the memory.
+            self._fast = None
+            fast.ffi.release(self._fast_mem)
+        super().close()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the C bursts and ``transmit_tcp`` are in use (not ARRAKIS_PURE)."""
+        return self._fast is not None
 
     def has_rx(self) -> bool:
         return self.rx.completed() != 0

@@ -28,6 +28,7 @@ UDP_HEADERS_TX: Final = struct.Struct("!6s6sHBBHHHBBH4s4sHHHH")
 UDP_HEADERS_LEN: Final = UDP_HEADERS_TX.size  # 42
 UDP_PAYLOAD_OFFSET: Final = UDP_HEADERS_LEN
 IPV4_HEADERS_TX: Final = struct.Struct("!6s6sHBBHHHBBH4s4s")  # Ethernet + IPv4, 34 bytes
+IPV4_HEADERS_RX: Final = IPV4_HEADERS_TX  # every field, for the receive lanes too
 
 _ETHERTYPE_IPV4: Final = 0x0800
 _VER_IHL: Final = 0x45

@@ -27,8 +27,20 @@ from libos.net import fastpath
 from libos.net.arp import ArpCache, Enqueued
 from libos.net.counters import StackCounters
 from libos.net.events import ArpResolutionFailed, DestinationUnreachable, EchoReply, NetEvent, UdpDatagram
+from libos import fast
 from vdev.wire import arp, ethernet, icmp, ipv4, udp
 from vdev.wire.errors import ChecksumError, WireError
+from vdev.wire.tcp import NO_OPTIONS, TcpSegment
+
+# Builds one TCP frame in C into a TX buffer and posts it (``VnicDriver.transmit_tcp``):
+# (dst MAC + src MAC + src IP + dst IP, ttl, ident, src port, dst port, seq, ack, flags,
+# window, option bytes, payload) -> taken.
+TcpWriter = Callable[
+    [bytes, int, int, int, int, int, int, int, int, bytes, "bytes | bytearray | memoryview"], bool
+]
+# A TCP segment whose IPv4 and TCP checksums C has verified: (src IP, dst IP, segment, now).
+VerifiedTcpInput = Callable[[bytes, bytes, memoryview, float], None]
+_TCP_HEADERS_RX = fastpath.IPV4_HEADERS_RX
 
 IpHandler = Callable[[ipv4.Ipv4Packet, bytes, float], None]
 """Called with the parsed datagram, the raw datagram (for quoting in ICMP errors) and now."""
@@ -93,6 +105,8 @@ class NetStack:
         # kept so that echoing those very bytes skips a pass over them.
         self._last_rx_payload: bytes | None = None
         self._last_rx_payload_sum = 0
+        self.tcp_writer: TcpWriter | None = None
+        self.tcp_input_verified: VerifiedTcpInput | None = None
         self._icmp_error_rate = icmp_error_rate
         self._icmp_error_burst = float(icmp_error_burst)
         self._icmp_tokens = float(icmp_error_burst)
@@ -175,6 +189,69 @@ class NetStack:
             payload,
         )
         return self._send_frame(next_hop, dst_mac, frame, now)
+
+    def send_tcp(self, dst_ip: bytes, segment: TcpSegment, now: float) -> bool:
+        """Send one TCP segment from our address.
+
+        With a ``tcp_writer`` (the compiled path), a resolved next hop and nothing queued
+        ahead, the frame is built in C straight into a TX buffer; otherwise (or when the
+        writer declines: ring full, frame too long) it takes ``send_ip``, unchanged.
+        """
+        writer = self.tcp_writer
+        if writer is not None and not self.outbox and segment.urgent == 0:
+            next_hop, dst_mac = self._resolve(dst_ip, now)
+            if next_hop is None:
+                return False
+            if dst_mac is not None:
+                ident = (self._ident + 1) & 0xFFFF
+                options = segment.options
+                if writer(
+                    dst_mac + self.mac + self.ip + dst_ip, self.ttl, ident,
+                    segment.src_port, segment.dst_port, segment.seq, segment.ack, segment.flags,
+                    segment.window, b"" if options is NO_OPTIONS else options.encode(), segment.payload,
+                ):  # fmt: skip
+                    self._ident = ident
+                    counters = self.counters
+                    counters.ipv4.tx_packets += 1
+                    counters.ethernet.tx_frames += 1
+                    return True
+        return self.send_ip(dst_ip, ipv4.PROTO_TCP, segment.emit(self.ip, dst_ip), now)
+
+    def receive_burst(self, frames: list[bytes], kinds: list[int], now: float) -> None:
+        """Frames from the driver with what C found out about each (``libos.fast.KIND_*``).
+
+        A TCP segment whose checksums C verified, addressed to us from a plausible source,
+        goes straight to ``tcp_input_verified``; everything else to ``receive``.
+        """
+        verified_input = self.tcp_input_verified
+        if verified_input is None or len(kinds) != len(frames):
+            for frame in frames:
+                self.receive(frame, now)
+            return
+        for frame, kind in zip(frames, kinds):
+            if kind == fast.KIND_TCP:
+                (
+                    dst_mac, src_mac, _ethertype, _ver_ihl, _tos, total_length, _ident,
+                    flags_frag, _ttl, _protocol, _checksum, src_ip, dst_ip,
+                ) = _TCP_HEADERS_RX.unpack_from(frame, 0)  # fmt: skip
+                # The same acceptance as the general path's (see _receive_ipv4): C already
+                # saw IPv4, IHL 5, no fragment, protocol 6, lengths that fit, checksums.
+                if (
+                    dst_mac == self.mac
+                    and dst_ip == self.ip
+                    and not flags_frag & 0x8000  # the reserved bit
+                    and not src_mac[0] & 1
+                    and 0 < src_ip[0] < 224
+                    and src_ip[0] != 127
+                    and src_ip != self.ip
+                    and src_ip != self.subnet_broadcast
+                ):
+                    counters = self.counters
+                    counters.ethernet.rx_frames += 1
+                    counters.ipv4.rx_packets += 1
+                    verified_input(src_ip, dst_ip, memoryview(frame)[34 : 14 + total_length], now)
+                    continue
+            self.receive(frame, now)
 
     def _send_frame(self, next_hop: bytes, dst_mac: bytes | None, frame: bytes, now: float) -> bool:
         """Queue an IPv4 frame for the wire, or hold it until ARP resolves its next hop."""

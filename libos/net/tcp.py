@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 from libos.net.tcp_connection import TcpConnection
@@ -109,6 +110,11 @@ class TcpLayer:
         self.config = config if config is not None else TcpConfig()
         self.counters = TcpCounters()
         self.outbox: list[tuple[bytes, bytes, bytes]] = []
+        # When set (the compiled path on a VNIC), segments go to this sender, which builds
+        # the frame in C straight into a TX buffer; it returns False to decline, and the
+        # segment then takes the outbox. Only used while the outbox is empty, so segments
+        # leave in the order they were made.
+        self.direct_send: Callable[[bytes, TcpSegment, float], bool] | None = None
         self._events: deque[tuple[TcpConnection, TcpEvent]] = deque()
         self._connections: dict[FourTuple, TcpConnection] = {}
         self._listeners: dict[tuple[bytes | None, int], TcpListener] = {}
@@ -211,9 +217,12 @@ class TcpLayer:
 
 
     def segment_received(
-        self, src_ip: bytes, dst_ip: bytes, segment: bytes | memoryview, now: float
+        self, src_ip: bytes, dst_ip: bytes, segment: bytes | memoryview, now: float, verified: bool = False
     ) -> None:
-        """One TCP segment from the IP layer; never raises on malformed input."""
+        """One TCP segment from the IP layer; never raises on malformed input.
+
+        ``verified``: the compiled receive path has already checked the checksum.
+        """
         self._last_now = now
         counters = self.counters
         counters.segments_in += 1
@@ -223,7 +232,7 @@ class TcpLayer:
         src_ip = bytes(src_ip)
         dst_ip = bytes(dst_ip)
         try:
-            seg = TcpSegment.parse(segment, src_ip, dst_ip)
+            seg = TcpSegment.parse(segment, src_ip, dst_ip, verify_checksum=not verified)
         except TruncatedError:
             counters.drop_truncated += 1
             return
@@ -292,6 +301,9 @@ class TcpLayer:
 
     def transmit(self, conn: TcpConnection, segment: TcpSegment) -> None:
         self.counters.segments_out += 1
+        direct = self.direct_send
+        if direct is not None and not self.outbox and direct(conn.remote_ip, segment, self._last_now):
+            return
         self.outbox.append(
             (conn.remote_ip, conn.local_ip, segment.emit(conn.local_ip, conn.remote_ip))
         )
