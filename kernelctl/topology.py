@@ -220,6 +220,15 @@ def _ensure_veth(ipr: IPRoute, topo: Topology) -> int:
         _delete_link(ipr, topo.veth_bridge_side)
         bridge_side = None
     stray_peer = _lookup(ipr, topo.veth_linux_side)
+    if bridge_side is not None and stray_peer is None:
+        # A pair whose peer is in neither namespace is half dead: when the linux namespace is
+        # deleted, the kernel removes the peer and then the bridge side in a deferred cleanup,
+        # so for a while the bridge side outlives its peer. Start the pair afresh.
+        with _open_netns(topo.linux_netns) as linux:
+            peer_in_place = _lookup(linux, topo.veth_linux_side) is not None
+        if not peer_in_place:
+            _delete_link(ipr, topo.veth_bridge_side)
+            bridge_side = None
     if bridge_side is None:
         if stray_peer is not None:
             _delete_link(ipr, topo.veth_linux_side)
