@@ -35,4 +35,6 @@ def test_udp_echo_runs_on_the_compiled_path(instance: Topology) -> None:
     # benchmark figure.
     assert fast["rx_frames"] >= 490, fast
     assert fast["tx_frames"] >= 1, fast
-    assert set(fast["to_model"]) <= {"rx_not_l4", "tx_not_l4"}, fast  # ARP only
+    # ARP, and a frame that arrives before the app has given its RX buffer back (the model
+    # then queues or drops it, as a NIC with an empty ring does): nothing else leaves C.
+    assert set(fast["to_model"]) <= {"rx_not_l4", "tx_not_l4", "rx_no_buffer"}, fast
