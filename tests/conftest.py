@@ -21,8 +21,15 @@ PYTHON = sys.executable
 KERNELCTL = [PYTHON, "-m", "kernelctl.cli"]
 
 
+# Which test drew which instance tag, so that a leak found at the end of the suite names
+# the test that made it.
+_TAG_OWNERS: dict[str, str] = {}
+
+
 def unique_tag() -> str:
-    return "t" + secrets.token_hex(3)[:5]
+    tag = "t" + secrets.token_hex(3)[:5]
+    _TAG_OWNERS[tag] = os.environ.get("PYTEST_CURRENT_TEST", "?")
+    return tag
 
 
 def require_root() -> None:
@@ -126,11 +133,37 @@ def suite_leftovers() -> list[str]:
     return found
 
 
+# What was on the machine before this session started: an earlier run that was cut off
+# (a killed CI job, a machine restarted mid-test) leaves instances that this run did not make.
+_BEFORE: set[str] = set()
+
+
+def _purge_dead_instances(left: list[str]) -> None:
+    """``down --purge`` every test instance in ``left`` that no process serves any more
+    (one with a live daemon may belong to a test session running beside this one)."""
+    for tag in sorted({m.group(1) for item in left for m in re.finditer(r"\b(t[0-9a-f]{5})\b", item)}):
+        alive = subprocess.run(["pgrep", "-f", f"--instance {tag}"], capture_output=True, text=True).stdout
+        if not alive.strip():
+            kernelctl(tag, "down", "--purge", check=False)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() == 0:
+        _purge_dead_instances(suite_leftovers())
+        _BEFORE.update(suite_leftovers())
+        if _BEFORE:
+            print("\nleft by an earlier run and still in use or not removable (not counted against this one):\n  "
+                  + "\n  ".join(sorted(_BEFORE)))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # The house rule: after the suite nothing of ours is left. A leak fails the run.
     if os.geteuid() != 0:
         return
-    left = suite_leftovers()
+    left = [item for item in suite_leftovers() if item not in _BEFORE]
     if left:
+        owners = sorted({f"{tag}: {test}" for tag, test in _TAG_OWNERS.items() if any(tag in item for item in left)})
         print("\nthe test suite left these behind:\n  " + "\n  ".join(left))
+        if owners:
+            print("made by instances of:\n  " + "\n  ".join(owners))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -78,7 +78,7 @@ class Child:
             try:
                 from pyroute2 import netns as pyroute2_netns
 
-                pyroute2_netns.setns(netns)
+                pyroute2_netns.setns(netns, flags=0)  # never create a namespace that is gone
                 out.send(("ok", fn(*args)))
             except BaseException as exc:
                 out.send(("error", repr(exc)))

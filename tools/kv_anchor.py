@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if netns:
         from pyroute2 import netns as pyroute2_netns
 
-        pyroute2_netns.setns(netns)
+        pyroute2_netns.setns(netns, flags=0)  # never create a namespace that is gone
     if args.backend == "uvloop":
         import uvloop
 

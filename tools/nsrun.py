@@ -49,7 +49,7 @@ def run_in_netns(
     def inside() -> Any:
         from pyroute2 import netns as pyroute2_netns
 
-        pyroute2_netns.setns(netns)
+        pyroute2_netns.setns(netns, flags=0)  # never create a namespace that is gone
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
         return fn(*args)

@@ -80,7 +80,7 @@ class LinuxLibOS(PollingRuntime):
             # The baseline host is a network namespace of its own (DESIGN section 2).
             from pyroute2 import netns as pyroute2_netns
 
-            pyroute2_netns.setns(netns)
+            pyroute2_netns.setns(netns, flags=0)  # never create a namespace that is gone
         self.table = QueueTable()
         self._epoll = select.epoll()
         self._sockets: dict[int, socket_module.socket] = {}

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.netns:
         from pyroute2 import netns
 
-        netns.setns(args.netns)
+        netns.setns(args.netns, flags=0)  # never create a namespace that is gone
     backend: WireBackend = TapBackend(args.tap, args.queues)
     if faults.active:
         print(f"vnic host: injecting faults {faults}", file=sys.stderr, flush=True)
