@@ -26,11 +26,11 @@ from libos.net.tcp import (
     TcpLayer,
     TcpState,
 )
-from libos.net.tcp_congestion import NewReno, initial_window
-from libos.net.tcp_isn import IsnGenerator
-from libos.net.tcp_reassembly import Reassembler
-from libos.net.tcp_rto import RtoEstimator
-from libos.net.tcp_seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt
+from libos.net.tcp.congestion import NewReno, initial_window
+from libos.net.tcp.isn import IsnGenerator
+from libos.net.tcp.reassembly import Reassembler
+from libos.net.tcp.rto import RtoEstimator
+from libos.net.tcp.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt
 from vdev.wire.tcp import SYN, TcpSegment
 
 A_IP = bytes([10, 0, 0, 1])

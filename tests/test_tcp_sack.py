@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libos.net.tcp import TcpConfig, TcpConnection, TcpState
-from libos.net.tcp_sack import MAX_SCOREBOARD_BLOCKS, SackScoreboard
+from libos.net.tcp.sack import MAX_SCOREBOARD_BLOCKS, SackScoreboard
 from tests.test_tcp_scripts import PEER_ISN, Script, _flag_text
 from vdev.wire.tcp import TcpOptions
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libos.net.tcp import TcpConfig, TcpConnection, TcpLayer, TcpState
-from libos.net.tcp_seq import SEQ_MOD, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
+from libos.net.tcp.seq import SEQ_MOD, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
 from tests.test_tcp import A_IP, B_IP, PORT, Peer, Wire, payload
 
 DEAD_IP = bytes([10, 0, 0, 9])  # owned by no layer: SYNs sent there are lost

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from libos.net.tcp_seq import seq_gt
+from libos.net.tcp.seq import seq_gt
 
 DUPACK_THRESHOLD: Final = 3  # RFC 5681 3.2
 

@@ -10,7 +10,7 @@ TIME-WAIT (2*MSL, RFC 9293 3.4.2).
 
 Selective acknowledgments (RFC 2018) are offered and used when the peer offers them too:
 the receiver reports its out-of-order blocks, the sender keeps a scoreboard and recovers
-losses by RFC 6675 (``tcp_sack``); without them NewReno (RFC 6582) does.
+losses by RFC 6675 (``sack``); without them NewReno (RFC 6582) does.
 
 Not implemented: Nagle's algorithm (small writes go out at once), D-SACK, timestamps,
 urgent data (URG is ignored and its bytes are delivered in line), ECN, reuse of a
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from typing import Final, Protocol
 
-from libos.net.tcp_congestion import NewReno
-from libos.net.tcp_reassembly import Reassembler
-from libos.net.tcp_rto import RtoEstimator
-from libos.net.tcp_sack import DUPTHRESH, SackScoreboard
-from libos.net.tcp_seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, seq_lt
-from libos.net.tcp_types import (
+from libos.net.tcp.congestion import NewReno
+from libos.net.tcp.reassembly import Reassembler
+from libos.net.tcp.rto import RtoEstimator
+from libos.net.tcp.sack import DUPTHRESH, SackScoreboard
+from libos.net.tcp.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, seq_lt
+from libos.net.tcp.types import (
     SYNCHRONIZED_STATES,
     Closed,
     Connected,

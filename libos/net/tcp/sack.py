@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from libos.net.tcp_seq import seq_diff
+from libos.net.tcp.seq import seq_diff
 
 DUPTHRESH: Final = 3  # RFC 6675 section 2 (and RFC 5681 3.2)
 MAX_SCOREBOARD_BLOCKS: Final = 32

@@ -26,37 +26,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from libos.net.tcp_connection import TcpConnection
-from libos.net.tcp_isn import IsnGenerator
-from libos.net.tcp_seq import seq_add
-from libos.net.tcp_types import (
-    Closed,
-    Connected,
-    DataReadable,
-    PeerClosed,
-    Reset,
-    TcpConfig,
-    TcpCounters,
-    TcpEvent,
-    TcpState,
-)
+from libos.net.tcp.connection import TcpConnection
+from libos.net.tcp.isn import IsnGenerator
+from libos.net.tcp.seq import seq_add
+from libos.net.tcp.types import TcpConfig, TcpCounters, TcpEvent, TcpState
 from vdev.wire.errors import ChecksumError, TruncatedError, WireError
 from vdev.wire.tcp import ACK, RST, SYN, TcpSegment
-
-__all__ = [
-    "Closed",
-    "Connected",
-    "DataReadable",
-    "PeerClosed",
-    "Reset",
-    "TcpConfig",
-    "TcpConnection",
-    "TcpCounters",
-    "TcpEvent",
-    "TcpLayer",
-    "TcpListener",
-    "TcpState",
-]
 
 # RFC 6056 recommends the whole range above 1023; we keep to the IANA dynamic range.
 EPHEMERAL_PORTS: Final = range(49152, 65536)
