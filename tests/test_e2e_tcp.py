@@ -25,7 +25,7 @@ from kernelctl.names import Topology
 from libos.api import open_libos
 from libos.api.types import LibOS, Opcode, SocketKind
 from libos.api.vnic import VnicLibOS
-from libos.net.tcp import TcpState
+from libos.net.tcp import CloseReason, TcpState
 from vdev.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 
 pytestmark = pytest.mark.root
@@ -526,7 +526,7 @@ def test_rfc5961_injection_on_the_real_path(instance: Topology) -> None:
         ctrl.send(("inject", "exact RST", RST, conn.rcv_nxt, 0, conn.rcv_nxt))
         reply = serve_until_reply()
         assert reply[0] == "injected"  # no challenge ACK is owed, whatever was seen
-        assert conn.state == TcpState.CLOSED and conn.close_reason == "reset"
+        assert conn.state == TcpState.CLOSED and conn.close_reason == CloseReason.RESET
         assert counters.rst_received == 1
         assert [r.opcode for r in pop_endings] == [Opcode.FAILED]  # the reader was told
         ctrl.send(("expect_reset",))

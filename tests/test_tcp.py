@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from libos.net.tcp import (
     Closed,
+    CloseReason,
     Connected,
     DataReadable,
     PeerClosed,
@@ -227,7 +228,7 @@ def test_two_megabytes_each_way_clean() -> None:
     assert a.counters.retransmits == b.counters.retransmits == 0
     events_a = [event for conn, event in a.pop_events() if conn is client]
     assert events_a.count(PeerClosed()) == 1
-    assert events_a[-1] == Closed("normal")
+    assert events_a[-1] == Closed(CloseReason.NORMAL)
     # 2 MB over a 256 KiB window and 10 ms RTT: the window, not timeouts, paces it.
     assert a.counters.timeouts == 0 and b.counters.timeouts == 0
 
@@ -243,7 +244,7 @@ def test_two_megabytes_each_way_lossy(seed: int) -> None:
     assert right.digest.digest() == hashlib.sha256(left.data).digest()
     assert a.counters.retransmits > 0 and b.counters.retransmits > 0
     assert a.counters.fast_retransmits > 0
-    assert client.close_reason == server.close_reason == "normal"
+    assert client.close_reason == server.close_reason == CloseReason.NORMAL
 
 
 @pytest.mark.parametrize("loss", [0.0, 0.05])
@@ -291,7 +292,7 @@ def test_simultaneous_open_and_close() -> None:
 
     assert wire.run(wire.now + 5.0, both_time_wait)
     assert TcpState.CLOSING in seen
-    assert a.pop_events()[-1] == (left_conn, Closed("normal"))
+    assert a.pop_events()[-1] == (left_conn, Closed(CloseReason.NORMAL))
     entered = wire.now
     wire.run(entered + 9.9)
     assert a.connection_count == 1 and b.connection_count == 1
@@ -309,7 +310,7 @@ def test_time_wait_expiry_only_on_active_closer() -> None:
     server.close(wire.now)
     assert wire.run(wire.now + 5.0, lambda now: client.state == TcpState.TIME_WAIT)
     assert wire.run(wire.now + 1.0, lambda now: b.connection_count == 0)
-    assert server.close_reason == "normal"
+    assert server.close_reason == CloseReason.NORMAL
     start = wire.now
     wire.run(start + 3.9)
     assert client.state == TcpState.TIME_WAIT
@@ -326,7 +327,7 @@ def test_retransmission_backoff_then_abort() -> None:
     start = wire.now
     client.send(b"x" * 100)
     assert wire.run(start + 200.0, lambda now: client.state == TcpState.CLOSED)
-    assert client.close_reason == "timeout"
+    assert client.close_reason == CloseReason.TIMEOUT
     gaps = [round(t2 - t1, 3) for t1, t2 in zip(sent_times, sent_times[1:])]
     # With SACK negotiated, a tail loss probe goes first (RFC 8985 7.2), and only once:
     # two smoothed RTTs (5 ms of wire delay each way) plus 200 ms for a delayed ACK, as
@@ -335,14 +336,21 @@ def test_retransmission_backoff_then_abort() -> None:
     assert gaps == [0.22, 1.0, 2.0, 4.0, 8.0]
     assert a.counters.tail_loss_probes == 1
     assert a.counters.conn_aborted_timeout == 1
-    assert (client, Closed("timeout")) in a.pop_events()
+    assert (client, Closed(CloseReason.TIMEOUT)) in a.pop_events()
+
+
+def test_close_reasons_keep_their_words() -> None:
+    """The API reports ``reason.value``; these words are what applications have seen."""
+    assert [reason.value for reason in CloseReason] == [
+        "normal", "reset", "refused", "timeout", "aborted"
+    ]
 
 
 def test_connect_to_closed_port_is_refused() -> None:
     a, b, wire = make_pair()
     conn = a.connect(A_IP, B_IP, 9, 0.0)
     assert wire.run(5.0, lambda now: conn.state == TcpState.CLOSED)
-    assert conn.close_reason == "refused"
+    assert conn.close_reason == CloseReason.REFUSED
     assert b.counters.rst_sent == 1 and b.counters.drop_no_listener == 1
 
 
@@ -351,7 +359,7 @@ def test_syn_retransmitted_and_gives_up() -> None:
     wire.blocked.add(A_IP)
     conn = a.connect(A_IP, B_IP, PORT, 0.0)
     assert wire.run(100.0, lambda now: conn.state == TcpState.CLOSED)
-    assert conn.close_reason == "timeout"
+    assert conn.close_reason == CloseReason.TIMEOUT
     assert wire.now == pytest.approx(7.0)  # SYN at 0, 1, 3; give up at 7
     assert a.counters.retransmits == 2
 
@@ -407,10 +415,10 @@ def test_abort_sends_rst_and_peer_sees_reset() -> None:
     client, server = establish(a, b, wire)
     client.abort(wire.now)
     assert wire.run(wire.now + 1.0, lambda now: server.state == TcpState.CLOSED)
-    assert server.close_reason == "reset"
+    assert server.close_reason == CloseReason.RESET
     with pytest.raises(ConnectionResetError):
         server.send(b"x")
-    assert a.pop_events()[-1] == (client, Closed("aborted"))
+    assert a.pop_events()[-1] == (client, Closed(CloseReason.ABORTED))
 
 
 def test_data_readable_is_edge_triggered() -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from libos.net.tcp import (
     Closed,
+    CloseReason,
     Connected,
     DataReadable,
     PeerClosed,
@@ -218,8 +219,8 @@ def test_active_open_refused() -> None:
     segment = TcpSegment(80, REMOTE_PORT, 0, syn.seq + 1, RST | ACK, 0)
     script.layer.segment_received(REMOTE, LOCAL, segment.emit(REMOTE, LOCAL), 0.0)
     script.expect()
-    assert conn.state == TcpState.CLOSED and conn.close_reason == "refused"
-    assert script.layer.pop_events() == [(conn, Reset()), (conn, Closed("refused"))]
+    assert conn.state == TcpState.CLOSED and conn.close_reason == CloseReason.REFUSED
+    assert script.layer.pop_events() == [(conn, Reset()), (conn, Closed(CloseReason.REFUSED))]
 
 
 
@@ -229,7 +230,7 @@ def test_rst_with_exact_sequence_resets() -> None:
     script.inject("R", PEER_ISN + 1)
     script.expect()
     assert conn.state == TcpState.CLOSED and script.layer.connection_count == 0
-    assert script.layer.pop_events() == [(conn, Reset()), (conn, Closed("reset"))]
+    assert script.layer.pop_events() == [(conn, Reset()), (conn, Closed(CloseReason.RESET))]
     assert script.layer.counters.rst_received == 1
 
 
@@ -382,7 +383,7 @@ def test_passive_close() -> None:
     script.inject(".", PEER_ISN + 2, script.iss + 2)
     script.expect()
     assert conn.state == TcpState.CLOSED and script.layer.connection_count == 0
-    assert script.layer.pop_events() == [(conn, Closed("normal"))]
+    assert script.layer.pop_events() == [(conn, Closed(CloseReason.NORMAL))]
 
 
 def test_active_close_and_time_wait() -> None:
@@ -395,7 +396,7 @@ def test_active_close_and_time_wait() -> None:
     script.inject("F.", PEER_ISN + 1, script.iss + 2)
     script.expect((".", script.iss + 2, PEER_ISN + 2))
     assert conn.state == TcpState.TIME_WAIT
-    assert script.layer.pop_events() == [(conn, PeerClosed()), (conn, Closed("normal"))]
+    assert script.layer.pop_events() == [(conn, PeerClosed()), (conn, Closed(CloseReason.NORMAL))]
     # The peer missed our ACK and repeats its FIN: ACK again, restart 2*MSL.
     script.now = 5.0
     script.inject("F.", PEER_ISN + 1, script.iss + 2)

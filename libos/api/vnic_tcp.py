@@ -30,7 +30,15 @@ from libos.api.queues import QueueTable
 from libos.api.types import Address, LibOSError, Opcode, QResult, SocketKind
 from libos.driver.vnic import VnicDriver
 from libos.net.stack import NetStack
-from libos.net.tcp import Connected, TcpConfig, TcpConnection, TcpLayer, TcpListener, TcpState
+from libos.net.tcp import (
+    CloseReason,
+    Connected,
+    TcpConfig,
+    TcpConnection,
+    TcpLayer,
+    TcpListener,
+    TcpState,
+)
 from vdev.wire.ipv4 import PROTO_TCP, Ipv4Packet
 
 RECV_SIZE = 65536
@@ -38,11 +46,11 @@ MAX_PENDING_SENDS = 1024
 MAX_BACKLOG = 65535
 
 _CLOSE_ERRORS = {
-    "reset": "connection reset by peer",
-    "refused": "connection refused",
-    "timeout": "connection timed out",
-    "aborted": "connection aborted",
-    "normal": "connection closed",
+    CloseReason.RESET: "connection reset by peer",
+    CloseReason.REFUSED: "connection refused",
+    CloseReason.TIMEOUT: "connection timed out",
+    CloseReason.ABORTED: "connection aborted",
+    CloseReason.NORMAL: "connection closed",
 }
 _OPEN_STATES = frozenset(
     {
@@ -68,7 +76,7 @@ class _Stream:
 
 
 def _close_error(conn: TcpConnection) -> str:
-    return _CLOSE_ERRORS.get(conn.close_reason or "normal", "connection closed")
+    return _CLOSE_ERRORS[conn.close_reason or CloseReason.NORMAL]
 
 
 class VnicStreams:

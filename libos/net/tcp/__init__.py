@@ -9,6 +9,7 @@ from libos.net.tcp.connection import TcpConnection
 from libos.net.tcp.layer import EPHEMERAL_PORTS, TcpLayer, TcpListener
 from libos.net.tcp.types import (
     Closed,
+    CloseReason,
     Connected,
     DataReadable,
     PeerClosed,
@@ -21,6 +22,7 @@ from libos.net.tcp.types import (
 
 __all__ = [
     "EPHEMERAL_PORTS",
+    "CloseReason",
     "Closed",
     "Connected",
     "DataReadable",

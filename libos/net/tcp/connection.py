@@ -29,6 +29,7 @@ from libos.net.tcp.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, 
 from libos.net.tcp.types import (
     SYNCHRONIZED_STATES,
     Closed,
+    CloseReason,
     Connected,
     DataReadable,
     PeerClosed,
@@ -135,7 +136,7 @@ class TcpConnection:
         self.remote_port = remote_port
         self.passive = passive
         self.state = TcpState.CLOSED
-        self.close_reason: str | None = None
+        self.close_reason: CloseReason | None = None
         self.iss = iss
         self.irs = 0
         # Send sequence space (RFC 9293 3.3.1). snd_max is the highest sequence number
@@ -234,7 +235,7 @@ class TcpConnection:
         deadline becomes due at once), so ``send`` needs no clock.
         """
         if self.state not in _SENDABLE_STATES or self._fin_seq is not None:
-            if self.close_reason == "reset":
+            if self.close_reason == CloseReason.RESET:
                 raise ConnectionResetError("connection reset by peer")
             raise BrokenPipeError("connection is closed for sending")
         count = min(len(data), self._config.send_buffer - len(self._send_buf))
@@ -263,7 +264,7 @@ class TcpConnection:
         """Graceful close: FIN after the queued data (RFC 9293 3.10.4)."""
         state = self.state
         if state == TcpState.SYN_SENT:
-            self._terminate("normal", now)
+            self._terminate(CloseReason.NORMAL, now)
         elif state in (TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
             if self._fin_seq is None:
                 self._fin_seq = seq_add(self._send_seq, len(self._send_buf))
@@ -283,7 +284,7 @@ class TcpConnection:
             # Not a rewound SND.NXT: the peer may hold bytes up to SND.MAX, and an RST
             # below its RCV.NXT would be ignored (RFC 5961 3.2); nor past its window.
             self._send_rst(self._control_seq())
-        self._terminate("aborted", now)
+        self._terminate(CloseReason.ABORTED, now)
 
     def next_deadline(self) -> float | None:
         """The earliest armed timer, or None. Written out field by field: the layer asks
@@ -404,7 +405,7 @@ class TcpConnection:
             if ack_ok:
                 self._counters.rst_received += 1
                 self._post(Reset())
-                self._terminate("refused", now)
+                self._terminate(CloseReason.REFUSED, now)
             else:
                 self._counters.drop_state += 1
             return
@@ -477,15 +478,15 @@ class TcpConnection:
             if seg.seq == self.rcv_nxt:
                 self._counters.rst_received += 1
                 if state == TcpState.SYN_RECEIVED and self.passive:
-                    self._terminate("reset", now)  # back to LISTEN: nobody was told
+                    self._terminate(CloseReason.RESET, now)  # back to LISTEN: nobody was told
                 elif state == TcpState.SYN_RECEIVED:
                     self._post(Reset())
-                    self._terminate("refused", now)
+                    self._terminate(CloseReason.REFUSED, now)
                 elif state in (TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT):
-                    self._terminate("normal", now)
+                    self._terminate(CloseReason.NORMAL, now)
                 else:
                     self._post(Reset())
-                    self._terminate("reset", now)
+                    self._terminate(CloseReason.RESET, now)
             else:
                 self._challenge_ack(now)
             return
@@ -732,7 +733,7 @@ class TcpConnection:
         elif state == TcpState.CLOSING:
             self._enter_time_wait(now)
         elif state == TcpState.LAST_ACK:
-            self._terminate("normal", now)
+            self._terminate(CloseReason.NORMAL, now)
 
     def _receive_data(self, seg: TcpSegment, now: float) -> None:
         offset = seq_diff(seg.seq, self.rcv_nxt)
@@ -1112,7 +1113,7 @@ class TcpConnection:
     def _run_timers(self, now: float) -> None:
         if self._timewait_deadline is not None and now >= self._timewait_deadline:
             self._timewait_deadline = None
-            self._terminate("normal", now)
+            self._terminate(CloseReason.NORMAL, now)
             return
         if self._rto_deadline is not None and now >= self._rto_deadline:
             self._rto_deadline = None
@@ -1148,7 +1149,7 @@ class TcpConnection:
                     self._counters.syn_received_expired += 1
                 else:
                     self._counters.conn_aborted_timeout += 1
-                self._terminate("timeout", now)
+                self._terminate(CloseReason.TIMEOUT, now)
                 return
             self._syn_lost = True
             self._rto.back_off()
@@ -1167,7 +1168,7 @@ class TcpConnection:
             return
         if self._retries > self._config.max_retries:
             self._counters.conn_aborted_timeout += 1
-            self._terminate("timeout", now)
+            self._terminate(CloseReason.TIMEOUT, now)
             return
         flight = seq_diff(self.snd_max, self.snd_una)
         self.congestion.on_timeout(flight, self.snd_max)
@@ -1184,7 +1185,7 @@ class TcpConnection:
         self._persist_probes += 1
         if self._persist_probes > self._config.max_retries:
             self._counters.conn_aborted_timeout += 1
-            self._terminate("timeout", now)
+            self._terminate(CloseReason.TIMEOUT, now)
             return
         # The probe carries SND.UNA - 1, a sequence number the receiver has already
         # seen: an unacceptable segment, which it must answer with an ACK carrying its
@@ -1209,13 +1210,13 @@ class TcpConnection:
         self._pto_deadline = None
         self._persist_deadline = None
         self._send_buf.clear()
-        self._post_closed("normal")
+        self._post_closed(CloseReason.NORMAL)
         if self._config.msl <= 0:
-            self._terminate("normal", now)
+            self._terminate(CloseReason.NORMAL, now)
             return
         self._timewait_deadline = now + 2 * self._config.msl
 
-    def _terminate(self, reason: str, now: float) -> None:
+    def _terminate(self, reason: CloseReason, now: float) -> None:
         """Enter CLOSED, release buffers and timers, tell the layer."""
         if self.state == TcpState.CLOSED:
             return
@@ -1233,7 +1234,7 @@ class TcpConnection:
             self._post_closed(reason)
         self._stack.connection_closed(self)
 
-    def _post_closed(self, reason: str) -> None:
+    def _post_closed(self, reason: CloseReason) -> None:
         if not self._closed_posted:
             self._closed_posted = True
             self.close_reason = reason

@@ -35,6 +35,16 @@ SYNCHRONIZED_STATES = frozenset(
 )
 
 
+class CloseReason(enum.Enum):
+    """Why a connection ended; the values are the words the API has always reported."""
+
+    NORMAL = "normal"  # both FINs exchanged, or a close before the handshake completed
+    RESET = "reset"  # the peer sent RST on an established connection
+    REFUSED = "refused"  # the peer answered our SYN with RST
+    TIMEOUT = "timeout"  # retransmissions or zero-window probes ran out
+    ABORTED = "aborted"  # our application aborted it
+
+
 @dataclass(frozen=True, slots=True)
 class Connected:
     """The three-way handshake completed (for a passive open: ready for accept())."""
@@ -59,10 +69,11 @@ class Reset:
 class Closed:
     """The connection is over for the application; emitted exactly once.
 
-    ``reason`` is one of "normal", "reset", "refused", "timeout", "aborted".
+    ``reason.value`` gives the reason as a word ("normal", "reset", ...) where a string is
+    wanted.
     """
 
-    reason: str
+    reason: CloseReason
 
 
 TcpEvent = Connected | DataReadable | PeerClosed | Reset | Closed
