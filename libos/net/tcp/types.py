@@ -33,6 +33,23 @@ SYNCHRONIZED_STATES = frozenset(
         TcpState.TIME_WAIT,
     }
 )
+# States in which arriving text is taken into the receive buffer (RFC 9293 3.10.7.4,
+# seventh check).
+DATA_STATES = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
+# States in which the application may still queue data (RFC 9293 3.10.2).
+SENDABLE_STATES = frozenset(
+    {TcpState.SYN_SENT, TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT}
+)
+# States in which queued data, or our FIN, may still go out.
+OUTPUT_STATES = frozenset(
+    {
+        TcpState.ESTABLISHED,
+        TcpState.FIN_WAIT_1,
+        TcpState.CLOSE_WAIT,
+        TcpState.CLOSING,
+        TcpState.LAST_ACK,
+    }
+)
 
 
 class CloseReason(enum.Enum):
