@@ -7,9 +7,11 @@ NewReno, reassembly).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import heapq
 import random
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -32,6 +34,7 @@ from libos.net.tcp.isn import IsnGenerator
 from libos.net.tcp.reassembly import Reassembler
 from libos.net.tcp.rto import RtoEstimator
 from libos.net.tcp.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt
+from libos.net.tcp.timers import Timers
 from vdev.wire.tcp import SYN, TcpSegment
 
 A_IP = bytes([10, 0, 0, 1])
@@ -231,6 +234,42 @@ def test_two_megabytes_each_way_clean() -> None:
     assert events_a[-1] == Closed(CloseReason.NORMAL)
     # 2 MB over a 256 KiB window and 10 ms RTT: the window, not timeouts, paces it.
     assert a.counters.timeouts == 0 and b.counters.timeouts == 0
+
+
+def test_a_finished_connection_is_freed_without_the_cycle_collector() -> None:
+    """The parts of a connection hold no reference back to it, so once the layer and the
+    application let go it is freed at once; a cycle would leave every closed connection
+    to the cyclic garbage collector, a cost per connection."""
+    a, b, wire = make_pair(TcpConfig(msl=0.0))
+    client, server = establish(a, b, wire)
+    left = Peer(client, payload(5000, 1))
+    right = Peer(server, payload(3000, 2))
+    transfer(wire, left, right, until=60.0)
+    assert client.state == server.state == TcpState.CLOSED
+    a.pop_events()
+    b.pop_events()
+    refs = [weakref.ref(client), weakref.ref(server)]
+    gc.disable()
+    try:
+        del client, server, left, right
+        assert [ref() for ref in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+def test_timers_earliest_is_the_minimum_of_the_armed_ones() -> None:
+    timers = Timers()
+    assert timers.earliest() is None
+    for name, deadline in [("time_wait", 9.0), ("persist", 7.0), ("delayed_ack", 8.0),
+                           ("probe", 3.0), ("retransmit", 5.0)]:
+        setattr(timers, name, deadline)
+    assert timers.earliest() == 3.0
+    timers.probe = None
+    assert timers.earliest() == 5.0
+    timers.retransmit = None
+    assert timers.earliest() == 7.0
+    timers.stop_all()
+    assert timers.earliest() is None
 
 
 @pytest.mark.parametrize("seed", [3, 4])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Final
 
 from libos.net.tcp.control_block import DEFAULT_PEER_MSS, ControlBlock
-from libos.net.tcp.lifecycle import Lifecycle
+from libos.net.tcp.lifecycle import Lifecycle, Notify
 from libos.net.tcp.receiver import Receiver
 from libos.net.tcp.sender import Sender
 from libos.net.tcp.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_in_window, seq_lt
@@ -24,7 +24,6 @@ from libos.net.tcp.types import (
     Reset,
     TcpConfig,
     TcpCounters,
-    TcpEvent,
     TcpState,
 )
 from vdev.wire.tcp import ACK, FIN, MAX_WINDOW_SCALE, RST, SYN, TcpSegment
@@ -44,7 +43,7 @@ class Arrival:
         "_lifecycle",
         "_config",
         "_counters",
-        "_post",
+        "_notify",
         "_allow_challenge_ack",
         "_last_oow_ack",
     )
@@ -59,7 +58,7 @@ class Arrival:
         config: TcpConfig,
         counters: TcpCounters,
         *,
-        post: Callable[[TcpEvent], None],
+        notify: Notify,
         allow_challenge_ack: Callable[[float], bool],
     ) -> None:
         self._tcb = tcb
@@ -69,7 +68,7 @@ class Arrival:
         self._lifecycle = lifecycle
         self._config = config
         self._counters = counters
-        self._post = post
+        self._notify = notify
         self._allow_challenge_ack = allow_challenge_ack
         self._last_oow_ack = float("-inf")
 
@@ -125,7 +124,7 @@ class Arrival:
             # Second: an RST is believed only if it acknowledges our SYN.
             if ack_ok:
                 self._counters.rst_received += 1
-                self._post(Reset())
+                self._notify(Reset())
                 self._lifecycle.terminate(CloseReason.REFUSED, now)
             else:
                 self._counters.drop_state += 1
@@ -203,12 +202,12 @@ class Arrival:
                 if state == TcpState.SYN_RECEIVED and self._lifecycle.passive:
                     terminate(CloseReason.RESET, now)  # back to LISTEN: nobody was told
                 elif state == TcpState.SYN_RECEIVED:
-                    self._post(Reset())
+                    self._notify(Reset())
                     terminate(CloseReason.REFUSED, now)
                 elif state in (TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT):
                     terminate(CloseReason.NORMAL, now)
                 else:
-                    self._post(Reset())
+                    self._notify(Reset())
                     terminate(CloseReason.RESET, now)
             else:
                 self._challenge_ack(now)

@@ -29,7 +29,7 @@ from typing import Protocol
 from libos.net.tcp.arrival import Arrival
 from libos.net.tcp.congestion import NewReno
 from libos.net.tcp.control_block import ControlBlock
-from libos.net.tcp.lifecycle import Lifecycle
+from libos.net.tcp.lifecycle import Lifecycle, Notice
 from libos.net.tcp.reassembly import Reassembler
 from libos.net.tcp.receiver import Receiver, window_shift
 from libos.net.tcp.sender import Sender
@@ -51,7 +51,7 @@ class StackHooks(Protocol):
 
     counters: TcpCounters
 
-    def transmit(self, conn: TcpConnection, segment: TcpSegment) -> None: ...
+    def transmit(self, local_ip: bytes, remote_ip: bytes, segment: TcpSegment) -> None: ...
 
     def post_event(self, conn: TcpConnection, event: TcpEvent) -> None: ...
 
@@ -90,9 +90,11 @@ class TcpConnection:
         counters = stack.counters
         tcb = ControlBlock(iss, window_shift(config.recv_buffer))
         timers = Timers()
-        # The parts speak to the layer for this connection through these.
-        post = partial(stack.post_event, self)
-        mark_dirty = partial(stack.mark_dirty, self)
+        # What the parts leave for the layer during an entry point, in order; handed on
+        # by ``_tell_layer`` before the entry point returns. (The parts do not hold this
+        # connection: see ``lifecycle``.)
+        self._notices: list[TcpEvent | Notice] = []
+        notify = self._notices.append
         # Owned by the sender and the receiver; the lifecycle releases them at the end.
         send_buffer = bytearray()
         reassembly = Reassembler(config.max_ooo_fragments)
@@ -103,13 +105,9 @@ class TcpConnection:
             send_buffer,
             reassembly,
             passive=passive,
-            post=post,
-            established=partial(stack.connection_established, self),
-            closed=partial(stack.connection_closed, self),
+            notify=notify,
         )
-        receiver = Receiver(
-            tcb, timers, config, counters, lifecycle, reassembly, post=post, mark_dirty=mark_dirty
-        )
+        receiver = Receiver(tcb, timers, config, counters, lifecycle, reassembly, notify=notify)
         sender = Sender(
             tcb,
             timers,
@@ -120,8 +118,8 @@ class TcpConnection:
             send_buffer,
             local_port=local_port,
             remote_port=remote_port,
-            transmit=partial(stack.transmit, self),
-            mark_dirty=mark_dirty,
+            transmit=partial(stack.transmit, local_ip, remote_ip),
+            notify=notify,
         )
         self._tcb = tcb
         self._timers = timers
@@ -136,7 +134,7 @@ class TcpConnection:
             lifecycle,
             config,
             counters,
-            post=post,
+            notify=notify,
             allow_challenge_ack=stack.allow_challenge_ack,
         )
         self.congestion: NewReno = sender.congestion
@@ -233,13 +231,19 @@ class TcpConnection:
             if tcb.close_reason == CloseReason.RESET:
                 raise ConnectionResetError("connection reset by peer")
             raise BrokenPipeError("connection is closed for sending")
-        return self._sender.write(data)
+        count = self._sender.write(data)
+        if count:
+            self._stack.mark_dirty(self)  # the layer flushes us on its next turn
+        return count
 
     def recv(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` received bytes; b"" when none are ready (see ``eof``)."""
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        return self._receiver.read(max_bytes)
+        data = self._receiver.read(max_bytes)
+        if self._notices:
+            self._tell_layer()
+        return data
 
     def close(self, now: float) -> None:
         """Graceful close: FIN after the queued data (RFC 9293 3.10.4)."""
@@ -247,6 +251,7 @@ class TcpConnection:
         state = tcb.state
         if state == TcpState.SYN_SENT:
             self._lifecycle.terminate(CloseReason.NORMAL, now)
+            self._tell_layer()
         elif state in (TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
             self._sender.queue_fin()
             if state == TcpState.ESTABLISHED:
@@ -256,6 +261,8 @@ class TcpConnection:
             # In SYN-RECEIVED the FIN waits for ESTABLISHED (RFC 9293 3.10.4).
             self._sender.output(now)
             self._report_timers()
+        if self._notices:
+            self._tell_layer()
 
     def abort(self, now: float) -> None:
         """Send RST if synchronized and forget the connection (RFC 9293 3.10.5)."""
@@ -267,12 +274,32 @@ class TcpConnection:
             # below its RCV.NXT would be ignored (RFC 5961 3.2); nor past its window.
             self._sender.send_rst(self._sender.control_seq())
         self._lifecycle.terminate(CloseReason.ABORTED, now)
+        self._tell_layer()
 
     # The layer's calls.
 
     def next_deadline(self) -> float | None:
         """The earliest armed timer, or None."""
         return self._timers.earliest()
+
+    def _tell_layer(self) -> None:
+        """Hand the layer the events and notices the parts left, in the order they left
+        them: the same calls, in the same order, as if the parts had made them."""
+        stack = self._stack
+        notices = self._notices
+        for notice in notices:
+            # One type check first: DataReadable is the common case, and each comparison
+            # with an enum member costs a class attribute lookup.
+            if isinstance(notice, Notice):
+                if notice is Notice.OUTPUT_DUE:
+                    stack.mark_dirty(self)
+                elif notice is Notice.ESTABLISHED:
+                    stack.connection_established(self)
+                else:
+                    stack.connection_closed(self)
+            else:
+                stack.post_event(self, notice)
+        notices.clear()
 
     def _report_timers(self) -> None:
         """Tell the layer where the earliest timer now lies. Every public entry point that
@@ -303,6 +330,8 @@ class TcpConnection:
         if tcb.state != TcpState.CLOSED:
             self._sender.output(now)
             self._stack.reschedule(self, self._timers.earliest())
+        if self._notices:
+            self._tell_layer()
 
     def flush(self, now: float) -> None:
         """Send what the application queued since the last call."""
@@ -315,6 +344,8 @@ class TcpConnection:
         self._run_timers(now)
         if self._tcb.state != TcpState.CLOSED:
             self._report_timers()
+        if self._notices:
+            self._tell_layer()
 
     def _run_timers(self, now: float) -> None:
         """The due timers in a fixed order: TIME-WAIT ends everything; a retransmission

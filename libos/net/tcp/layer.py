@@ -274,14 +274,14 @@ class TcpLayer:
             conn.flush(now)
 
 
-    def transmit(self, conn: TcpConnection, segment: TcpSegment) -> None:
+    def transmit(self, local_ip: bytes, remote_ip: bytes, segment: TcpSegment) -> None:
+        """Send one segment of the connection between these addresses, now: its payload
+        may be a view valid only during the call."""
         self.counters.segments_out += 1
         direct = self.direct_send
-        if direct is not None and not self.outbox and direct(conn.remote_ip, segment, self._last_now):
+        if direct is not None and not self.outbox and direct(remote_ip, segment, self._last_now):
             return
-        self.outbox.append(
-            (conn.remote_ip, conn.local_ip, segment.emit(conn.local_ip, conn.remote_ip))
-        )
+        self.outbox.append((remote_ip, local_ip, segment.emit(local_ip, remote_ip)))
 
     def post_event(self, conn: TcpConnection, event: TcpEvent) -> None:
         self._events.append((conn, event))

@@ -8,10 +8,8 @@ delayed-ACK timer, and the sender builds the segment with ``window_field`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from libos.net.tcp.control_block import ControlBlock
-from libos.net.tcp.lifecycle import Lifecycle
+from libos.net.tcp.lifecycle import Lifecycle, Notice, Notify
 from libos.net.tcp.reassembly import Reassembler
 from libos.net.tcp.seq import seq_add, seq_diff, seq_gt
 from libos.net.tcp.timers import Timers
@@ -21,7 +19,6 @@ from libos.net.tcp.types import (
     PeerClosed,
     TcpConfig,
     TcpCounters,
-    TcpEvent,
     TcpState,
 )
 from vdev.wire.tcp import MAX_SACK_BLOCKS, MAX_WINDOW_SCALE, NO_OPTIONS, TcpOptions, TcpSegment
@@ -44,8 +41,7 @@ class Receiver:
         "_config",
         "_counters",
         "_lifecycle",
-        "_post",
-        "_mark_dirty",
+        "_notify",
         "buffer",
         "reassembly",
         "syn_window",
@@ -62,16 +58,14 @@ class Receiver:
         lifecycle: Lifecycle,
         reassembly: Reassembler,
         *,
-        post: Callable[[TcpEvent], None],
-        mark_dirty: Callable[[], None],
+        notify: Notify,
     ) -> None:
         self._tcb = tcb
         self._timers = timers
         self._config = config
         self._counters = counters
         self._lifecycle = lifecycle
-        self._post = post
-        self._mark_dirty = mark_dirty
+        self._notify = notify
         # Bytes in order, not yet read by the application.
         self.buffer = bytearray()
         self.reassembly = reassembly
@@ -93,7 +87,7 @@ class Receiver:
         del buffer[:count]
         if self._tcb.state in DATA_STATES and self.window_opened():
             self._tcb.window_update = True
-            self._mark_dirty()
+            self._notify(Notice.OUTPUT_DUE)
         return data
 
     def receive(self, seg: TcpSegment, now: float) -> None:
@@ -127,7 +121,7 @@ class Receiver:
             self._ooo_fin_seq = None
             self.fin_arrived(now)
         if was_empty:
-            self._post(DataReadable())
+            self._notify(DataReadable())
         # Delayed ACK (RFC 1122 4.2.3.2, RFC 5681 4.2): every second segment at least.
         tcb.segments_unacked += 1
         if tcb.segments_unacked >= 2:
@@ -156,7 +150,7 @@ class Receiver:
         tcb.rcv_nxt = seq_add(tcb.rcv_nxt, 1)
         self.reassembly.clear()
         tcb.ack_now = True
-        self._post(PeerClosed())
+        self._notify(PeerClosed())
         state = tcb.state
         if state in (TcpState.SYN_RECEIVED, TcpState.ESTABLISHED):
             tcb.state = TcpState.CLOSE_WAIT

@@ -14,7 +14,7 @@ from typing import Final
 
 from libos.net.tcp.congestion import NewReno
 from libos.net.tcp.control_block import DEFAULT_PEER_MSS, ControlBlock
-from libos.net.tcp.lifecycle import Lifecycle
+from libos.net.tcp.lifecycle import Lifecycle, Notice, Notify
 from libos.net.tcp.receiver import Receiver
 from libos.net.tcp.rto import RtoEstimator
 from libos.net.tcp.sack import DUPTHRESH, SackScoreboard
@@ -55,7 +55,7 @@ class Sender:
         "_local_port",
         "_remote_port",
         "_transmit",
-        "_mark_dirty",
+        "_notify",
         "buffer",
         "buffer_seq",
         "rto",
@@ -86,8 +86,10 @@ class Sender:
         local_port: int,
         remote_port: int,
         transmit: Callable[[TcpSegment], None],
-        mark_dirty: Callable[[], None],
+        notify: Notify,
     ) -> None:
+        """``transmit`` hands a segment to the layer at once: its payload is a view of
+        the send buffer, valid only during the call."""
         self._tcb = tcb
         self._timers = timers
         self._receiver = receiver
@@ -97,7 +99,7 @@ class Sender:
         self._local_port = local_port
         self._remote_port = remote_port
         self._transmit = transmit
-        self._mark_dirty = mark_dirty
+        self._notify = notify
         # Bytes written by the application and not yet acknowledged; buffer_seq is the
         # sequence number of buffer[0]. Only ever changed in place: the lifecycle holds
         # the same bytearray to release it.
@@ -129,14 +131,14 @@ class Sender:
         return max(self._config.send_buffer - len(self.buffer), 0)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Queue up to the free space; returns how many bytes were taken."""
+        """Queue up to the free space; returns how many bytes were taken. Sends nothing:
+        the connection asks the layer for a flush."""
         buffer = self.buffer
         count = min(len(data), self._config.send_buffer - len(buffer))
         if count <= 0:
             return 0
         with memoryview(data) as view:
             buffer += view[:count]
-        self._mark_dirty()
         return count
 
     def queue_fin(self) -> None:
@@ -458,7 +460,7 @@ class Sender:
         # RFC 6298 5.2 and 5.3: stop the timer when all is acknowledged, else restart it.
         self._timers.retransmit = None if ack == tcb.snd_max else now + rto.rto
         if data_acked > 0 and tcb.fin_seq is None:
-            self._mark_dirty()
+            self._notify(Notice.OUTPUT_DUE)
 
     def on_established(self, now: float) -> None:
         """The handshake completed: the RTO after a lost SYN (RFC 6298 5.7) and the
