@@ -8,6 +8,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,12 +140,26 @@ _BEFORE: set[str] = set()
 
 
 def _purge_dead_instances(left: list[str]) -> None:
-    """``down --purge`` every test instance in ``left`` that no process serves any more
-    (one with a live daemon may belong to a test session running beside this one)."""
+    """``down --purge`` every test instance in ``left`` that no process serves any more and
+    that is older than any test. A younger one, or one with a live daemon, may belong to a
+    test session running beside this one (a developer's, while CI runs on the same box)."""
     for tag in sorted({m.group(1) for item in left for m in re.finditer(r"\b(t[0-9a-f]{5})\b", item)}):
         alive = subprocess.run(["pgrep", "-f", f"--instance {tag}"], capture_output=True, text=True).stdout
-        if not alive.strip():
+        if not alive.strip() and _age_s(tag) > _OLDER_THAN_ANY_TEST_S:
             kernelctl(tag, "down", "--purge", check=False)
+
+
+# pytest-timeout stops any test after 300 s; module fixtures hold a live daemon.
+_OLDER_THAN_ANY_TEST_S = 600.0
+
+
+def _age_s(tag: str) -> float:
+    """Seconds since the youngest of an instance's namespaces and directories was made."""
+    topo = topology(tag)
+    paths = [Path("/run/netns") / ns for ns in (topo.client_netns, topo.linux_netns)]
+    paths += [topo.run_dir, topo.state_dir]
+    stamps = [path.stat().st_mtime for path in paths if path.exists()]
+    return time.time() - max(stamps) if stamps else float("inf")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -156,11 +171,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                   + "\n  ".join(sorted(_BEFORE)))
 
 
+def _ours(item: str) -> bool:
+    """Whether a leftover is this session's: it names a tag one of our tests drew, or no test
+    tag at all. Another tag is another session's, still running beside this one."""
+    tags = re.findall(r"t[0-9a-f]{5}", item)
+    return not tags or any(tag in _TAG_OWNERS for tag in tags)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # The house rule: after the suite nothing of ours is left. A leak fails the run.
     if os.geteuid() != 0:
         return
-    left = [item for item in suite_leftovers() if item not in _BEFORE]
+    left = [item for item in suite_leftovers() if item not in _BEFORE and _ours(item)]
     if left:
         owners = sorted({f"{tag}: {test}" for tag, test in _TAG_OWNERS.items() if any(tag in item for item in left)})
         print("\nthe test suite left these behind:\n  " + "\n  ".join(left))

@@ -21,6 +21,7 @@ from pyroute2 import netns
 from kernelctl import tc, topology
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
+from tests.conftest import unique_tag
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 ABSENT = topology_names("h3z")  # never built: argument errors must come before any I/O
@@ -166,8 +167,7 @@ def test_capabilities_on_this_kernel() -> None:
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    instance = topology_names("h3c")
-    topology.destroy(instance)
+    instance = topology_names(unique_tag())
     try:
         topology.build(instance)
         tc.ensure_roots(instance)

@@ -16,6 +16,7 @@ from pyroute2 import IPRoute, netns
 from kernelctl import topology
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
+from tests.conftest import unique_tag
 
 IFF_UP = 0x1
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -54,9 +55,10 @@ def test_enter_netns_refuses_bad_or_missing_names() -> None:
     assert "arx-h3q-absent" not in netns.listnetns()  # and it was not created either
 
 
-def _fresh(tag: str) -> Iterator[Topology]:
-    topo = topology_names(tag)
-    topology.destroy(topo)  # leftovers of an interrupted earlier run
+def _fresh() -> Iterator[Topology]:
+    # A tag of its own, so a suite running beside this one never shares these namespaces;
+    # what an interrupted earlier run left is purged by conftest at the start of the suite.
+    topo = topology_names(unique_tag())
     try:
         yield topo
     finally:
@@ -65,12 +67,12 @@ def _fresh(tag: str) -> Iterator[Topology]:
 
 @pytest.fixture
 def topo_a() -> Iterator[Topology]:
-    yield from _fresh("h3a")
+    yield from _fresh()
 
 
 @pytest.fixture
 def topo_b() -> Iterator[Topology]:
-    yield from _fresh("h3b")
+    yield from _fresh()
 
 
 def _links(ns: str) -> dict[str, object]:
