@@ -100,8 +100,8 @@ def pin(pid: int, cpu: int | None) -> None:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) that ``pid`` has used so far; 0.0 once it is gone.
+def cpu_times(pid: int) -> tuple[float, float]:
+    """CPU seconds (user, system), all threads, that ``pid`` has used so far; zeros once it is gone.
 
     From /proc/PID/stat, fields 14 and 15 (utime, stime, in clock ticks; proc(5)). The command
     name (field 2) may hold spaces or parentheses, so the fields are counted after its last ')'.
@@ -109,10 +109,15 @@ def cpu_seconds(pid: int) -> float:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     fields = text[text.rfind(")") + 2 :].split()
     # fields[0] is field 3 (state): utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) that ``pid`` has used so far; 0.0 once it is gone."""
+    return sum(cpu_times(pid))
 
 
 class CpuMeter:

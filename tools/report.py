@@ -1,0 +1,240 @@
+"""The report of ``tools/reproduce``: ``report.md`` and PNG plots, from its results alone.
+
+``python -m tools.report DIR`` redraws them from ``DIR/results.json``. The paper's figures
+beside ours are the ones in shared/reference/arrakis.md (Peter et al., OSDI 2014); only
+ratios compare across machines, so the tables put the ratios side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import NullFormatter  # noqa: E402
+
+# One colour per target in every plot; the smoke test looks for these in the PNGs.
+COLOURS = {"vnic": "#d62728", "linux": "#1f77b4", "real": "#2ca02c"}
+LABELS = {"vnic": "vnic (bypass)", "linux": "linux backend", "real": "redis-server 7"}
+# The paper's numbers (Arrakis against Linux on its testbed), as ratios Arrakis/Linux.
+PAPER = {
+    "get_throughput": (143_000, 250_000),  # ops/s, Linux then Arrakis
+    "durable_throughput": (7_000, 63_000),
+    "get_latency_ratio": 0.35,  # "GET latency down 65%"
+    "durable_latency_ratio": 0.19,  # "latency down 81%"
+    "udp_linux_us_per_packet": 3.36,  # 70% of it in the network stack
+    "redis_read_us": 8.7,
+    "redis_write_us": 163.0,
+}
+PLOTS = ("fig3_ccdf.png", "throughput.png", "cost_breakdown.png")
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _ccdf(latency: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Steps of the CCDF, from 1.0 at the fastest request; the last point (0.0) cannot be on a log axis."""
+    total = latency["total"]
+    recorded = latency["points_us_count"]
+    points = [(recorded[0][0], 1.0)] if recorded else []
+    points += [(value, 1.0 - count / total) for value, count in recorded if count < total]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_ccdf(results: dict[str, Any], path: Path) -> bool:
+    """Fig. 3: the CCDF of read-hit and durable-write latency, log axes as in the paper."""
+    panels = [("redis_get", "GET (read hit), 1 client"), ("durable_set", "durable SET, 1 client")]
+    panels = [(name, title) for name, title in panels if results["experiments"].get(name, {}).get("status") == "ok"]
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for axis, (name, title) in zip(axes[0], panels):
+        for target, colour in COLOURS.items():
+            run = results["experiments"][name].get(target)
+            if run is None:
+                continue
+            xs, ys = _ccdf(run["c1"]["latency"])
+            axis.step(xs, ys, where="post", color=colour, label=LABELS[target], linewidth=1.6)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: the minor ones collide
+        axis.set_xlabel("latency (µs)")
+        axis.set_ylabel("fraction of requests slower (CCDF)")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_throughput(results: dict[str, Any], path: Path) -> bool:
+    """Throughput with 50 clients, each bar as a multiple of the linux backend, the paper's beside."""
+    groups = [("redis_get", "GET", PAPER["get_throughput"]), ("durable_set", "durable SET", PAPER["durable_throughput"])]
+    groups = [g for g in groups if results["experiments"].get(g[0], {}).get("status") == "ok"]
+    if not groups:
+        return False
+    figure, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for axis, (name, title, (paper_linux, paper_arrakis)) in zip(axes[0], groups):
+        experiment = results["experiments"][name]
+        linux = experiment["linux"]["c50"]["rps"]
+        names, values, colours = [], [], []
+        for target, colour in COLOURS.items():
+            names.append(LABELS[target])
+            values.append(experiment[target]["c50"]["rps"] / linux)
+            colours.append(colour)
+        names.append("paper: Arrakis")
+        values.append(paper_arrakis / paper_linux)
+        colours.append("#7f7f7f")
+        bars = axis.bar(names, values, color=colours)
+        for bar, target in zip(bars, list(COLOURS) + [None]):
+            label = f"{experiment[target]['c50']['rps']:,.0f}/s" if target else f"{paper_arrakis:,}/s"
+            axis.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                          fontsize=8)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_ylabel("throughput / linux backend (paper: / Linux)")
+        axis.set_title(f"{title}, 50 clients")
+        axis.tick_params(axis="x", labelrotation=15)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+_PARTS = (("app", "user", "server, user"), ("app", "kernel", "server, kernel"),
+          ("vnic_host", "user", "VNIC device host, user"), ("vnic_host", "kernel", "VNIC device host, kernel"),
+          ("vsic_host", "user", "VSIC device host, user"), ("vsic_host", "kernel", "VSIC device host, kernel"))
+_PART_COLOURS = ("#d62728", "#ff9896", "#1f77b4", "#aec7e8", "#2ca02c", "#98df8a")
+
+
+def _cost_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, float]]]]:
+    rows = []
+    for name, title, key in (("redis_get", "GET", "c50"), ("durable_set", "durable SET", "c50"),
+                             ("udp_echo", "UDP echo", None)):
+        experiment = results["experiments"].get(name, {})
+        if experiment.get("status") != "ok":
+            continue
+        for target in COLOURS:
+            run = experiment.get(target)
+            if run is not None:
+                rows.append((f"{title}\n{target}", (run[key] if key else run)["cpu_us_per_request"]))
+    return rows
+
+
+def plot_cost(results: dict[str, Any], path: Path) -> bool:
+    """CPU time per request, stacked by process and user/kernel: measured from /proc, not estimated."""
+    rows = _cost_rows(results)
+    if not rows:
+        return False
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.6))
+    bottoms = [0.0] * len(rows)
+    for (who, kind, label), colour in zip(_PARTS, _PART_COLOURS):
+        heights = [cpu.get(who, {}).get(kind, 0.0) for _, cpu in rows]
+        if any(heights):
+            axis.bar([name for name, _ in rows], heights, bottom=bottoms, color=colour, label=label)
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+    axis.set_ylabel("CPU µs per request")
+    axis.set_title("where a request's CPU time goes (GET and SET: 50 clients; real server: its own process)")
+    axis.legend(fontsize=8)
+    axis.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _cpu_total(cpu: dict[str, dict[str, float]]) -> float:
+    return sum(part["user"] + part["kernel"] for part in cpu.values())
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    pin = results["pinning"]
+    lines = [
+        "# The paper's evaluation, reproduced",
+        "",
+        f"`{results['command']}`, {results['started']} to {results.get('finished', '?')} ({results['mode']} run"
+        + ("; quick runs are smoke runs, not measurements" if results["mode"] == "quick" else "") + ").",
+        f"Machine: {machine.get('cpus')} CPUs ({machine.get('cpu_model', '?')}), Linux {machine.get('kernel')}, "
+        f"Python {machine.get('python')}. Servers pinned to CPU {pin['servers']}; clients and device hosts to "
+        f"CPU {pin['clients']}.",
+        "",
+        "The paper measured Arrakis against Linux on its own testbed. Only the ratios compare.",
+        "",
+    ]
+    experiments = results["experiments"]
+    get, durable, udp = (experiments.get(n, {}) for n in ("redis_get", "durable_set", "udp_echo"))
+    if get.get("status") == "ok" or durable.get("status") == "ok":
+        lines += ["## Throughput, 50 clients (requests/s)", "",
+                  "| | vnic | linux | redis-server | vnic/linux | paper Arrakis/Linux |", "|---|---|---|---|---|---|"]
+        for experiment, label, (paper_linux, paper_arrakis) in (
+            (get, "GET", PAPER["get_throughput"]), (durable, "durable SET", PAPER["durable_throughput"])
+        ):
+            if experiment.get("status") != "ok":
+                continue
+            rps = {t: experiment[t]["c50"]["rps"] for t in COLOURS}
+            lines.append(f"| {label} | {_num(rps['vnic'])} | {_num(rps['linux'])} | {_num(rps['real'])} | "
+                         f"{_num(_ratio(rps['vnic'], rps['linux']), 2)} | {paper_arrakis / paper_linux:.2f} "
+                         f"({paper_linux:,} → {paper_arrakis:,}) |")
+        lines += ["", "## Latency, 1 client (µs), Fig. 3", "", "![Fig. 3](fig3_ccdf.png)", "",
+                  "| | vnic p50 | linux p50 | redis-server p50 | vnic p99 | linux p99 | vnic/linux p50 | paper |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for experiment, label, paper in ((get, "GET", PAPER["get_latency_ratio"]),
+                                         (durable, "durable SET", PAPER["durable_latency_ratio"])):
+            if experiment.get("status") != "ok":
+                continue
+            c1 = {t: experiment[t]["c1"] for t in COLOURS}
+            lines.append(f"| {label} | {_num(c1['vnic']['p50_us'])} | {_num(c1['linux']['p50_us'])} | "
+                         f"{_num(c1['real']['p50_us'])} | {_num(c1['vnic']['p99_us'])} | {_num(c1['linux']['p99_us'])} | "
+                         f"{_num(_ratio(c1['vnic']['p50_us'], c1['linux']['p50_us']), 2)} | {paper:.2f} |")
+        lines += ["", "![throughput](throughput.png)", ""]
+    lines += ["## CPU time per request (µs), measured", "",
+              "User and kernel time of each process over the run, from /proc/PID/stat, divided by the requests. "
+              f"The paper: Linux spends {PAPER['udp_linux_us_per_packet']} µs per UDP echo packet, 70% of it in the "
+              f"network stack; a Redis read {PAPER['redis_read_us']} µs and a durable write {PAPER['redis_write_us']} µs.",
+              "", "| | server user | server kernel | device hosts | total |", "|---|---|---|---|---|"]
+    for name, cpu in _cost_rows(results):
+        app = cpu.get("app", {"user": 0.0, "kernel": 0.0})
+        hosts = sum(p["user"] + p["kernel"] for who, p in cpu.items() if who != "app")
+        lines.append(f"| {name.replace(chr(10), ' ')} | {app['user']:.1f} | {app['kernel']:.1f} | {hosts:.1f} | "
+                     f"{_cpu_total(cpu):.1f} |")
+    lines += ["", "![cost](cost_breakdown.png)", ""]
+    if udp.get("status") == "ok":
+        lines += ["## UDP echo, one request in flight (µs)", "", "| | p50 | p99 | samples |", "|---|---|---|---|"]
+        for target in ("vnic", "linux"):
+            lines.append(f"| {target} | {_num(udp[target]['p50_us'], 1)} | {_num(udp[target]['p99_us'], 1)} | "
+                         f"{udp[target]['samples']} |")
+        lines.append("")
+    not_run = [(name, e["why"]) for name, e in experiments.items() if e.get("status") != "ok"]
+    if not_run:
+        lines += ["## Not run", ""] + [f"* `{name}`: {why}" for name, why in not_run] + [""]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    """report.md and every plot there is data for; returns the paths written."""
+    written = []
+    for name, plot in zip(PLOTS, (plot_ccdf, plot_throughput, plot_cost)):
+        if plot(results, out / name):
+            written.append(out / name)
+    (out / "report.md").write_text(markdown(results))
+    written.append(out / "report.md")
+    return written
+
+
+if __name__ == "__main__":
+    directory = Path(sys.argv[1] if len(sys.argv) > 1 else "report")
+    for path in write(json.loads((directory / "results.json").read_text()), directory):
+        print(path)
