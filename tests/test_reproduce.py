@@ -100,6 +100,11 @@ def synthetic_results() -> dict[str, Any]:
             "durable_set": {**redis, "status": "ok"},
             "udp_echo": {**udp, "status": "ok"},
             "memcached_scaling": {"status": "not run", "why": "no queues yet"},
+            "isolation": {"status": "ok", "datagram_bytes": 1000, "app_cpu": 1, **{
+                backend: {"alone": {"victim": _run(0, 50.0, cpu)}, "flood": {"victim": _run(0, 500.0, cpu)},
+                          "limited": {"victim": _run(0, 60.0, cpu)}, "offered_bps": 4e8, "limit_bps": 4e7,
+                          "p99_over_alone": {"flood": 10.0, "limited": 1.2}}
+                for backend in ("vnic", "linux")}},
         },
     }
 
@@ -121,6 +126,7 @@ def check_report(out: Path, results: dict[str, Any]) -> None:
     assert_plotted(out / "fig3_ccdf.png", list(report.COLOURS.values()))
     assert_plotted(out / "throughput.png", list(report.COLOURS.values()))
     assert_plotted(out / "cost_breakdown.png", ["#d62728", "#1f77b4"])  # server and VNIC host, user time
+    assert_plotted(out / "isolation.png", [report.COLOURS["vnic"], report.COLOURS["linux"]])
     for name, experiment in results["experiments"].items():
         if experiment["status"] != "ok":
             assert experiment["why"] in text, name
@@ -146,6 +152,10 @@ def test_quick_run_writes_a_whole_report(tmp_path: Path) -> None:
     assert not topology(tag).run_dir.exists()  # it took its instance down
     results = json.loads((out / "results.json").read_text())
     assert set(results["experiments"]) == set(EXPERIMENTS)
+    isolation = results["experiments"]["isolation"]
+    for backend in ("vnic", "linux"):
+        assert isolation[backend]["flood"]["flood_sent"] > 0
+        assert all(isolation[backend][phase]["victim"]["p99_us"] > 0 for phase in ("alone", "flood", "limited"))
     for name in ("redis_get", "durable_set", "udp_echo"):
         experiment = results["experiments"][name]
         assert experiment["status"] == "ok", name

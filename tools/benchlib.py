@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelctl.names import Topology
+from tools.latency import DistributionError, parse_redis_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 APP_CPU = 1
@@ -232,6 +233,21 @@ def parse_redis_benchmark_csv(text: str, test: str = "SET") -> dict[str, float]:
         }
     except (KeyError, ValueError) as exc:
         raise BenchError(f"unexpected redis-benchmark columns: {header}") from exc
+
+
+def redis_benchmark_distribution(topo: Topology, host: str, port: int, test: str, clients: int, requests: int) -> dict[str, Any]:
+    """redis-benchmark with its whole latency distribution (no ``-q``, no ``--csv``)."""
+    argv = in_netns(topo.client_netns, CLIENT_CPU, "redis-benchmark", "-h", host, "-p", str(port), "-t", test,
+                    "-n", str(requests), "-c", str(clients), "-P", "1")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0 or "rror" in done.stderr:
+        raise BenchError(f"redis-benchmark against {host}:{port} failed: {done.stdout[-300:]}{done.stderr[-300:]}")
+    try:
+        run = parse_redis_benchmark(done.stdout)
+    except DistributionError as exc:
+        raise BenchError(str(exc)) from None
+    return {"rps": run.rps, "p50_us": run.latency.percentile(0.5), "p99_us": run.latency.percentile(0.99),
+            "requests": requests, "clients": clients, "latency": run.latency.to_json()}
 
 
 def top_functions(path: Path, limit: int = 15) -> str:

@@ -17,13 +17,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a display
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 # One colour per target in every plot; the smoke test looks for these in the PNGs.
 COLOURS = {"vnic": "#d62728", "linux": "#1f77b4", "real": "#2ca02c"}
 LABELS = {"vnic": "vnic (bypass)", "linux": "linux backend", "real": "redis-server 7"}
 # The paper's numbers (Arrakis against Linux on its testbed), as ratios Arrakis/Linux.
-PAPER = {
+PAPER: dict[str, Any] = {
     "get_throughput": (143_000, 250_000),  # ops/s, Linux then Arrakis
     "durable_throughput": (7_000, 63_000),
     "get_latency_ratio": 0.35,  # "GET latency down 65%"
@@ -32,7 +33,7 @@ PAPER = {
     "redis_read_us": 8.7,
     "redis_write_us": 163.0,
 }
-PLOTS = ("fig3_ccdf.png", "throughput.png", "cost_breakdown.png")
+PLOTS = ("fig3_ccdf.png", "throughput.png", "cost_breakdown.png", "isolation.png")
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -99,9 +100,9 @@ def plot_throughput(results: dict[str, Any], path: Path) -> bool:
         values.append(paper_arrakis / paper_linux)
         colours.append("#7f7f7f")
         bars = axis.bar(names, values, color=colours)
-        for bar, target in zip(bars, list(COLOURS) + [None]):
-            label = f"{experiment[target]['c50']['rps']:,.0f}/s" if target else f"{paper_arrakis:,}/s"
-            axis.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+        labels = [f"{experiment[target]['c50']['rps']:,.0f}/s" for target in COLOURS] + [f"{paper_arrakis:,}/s"]
+        for bar, text in zip(bars, labels):
+            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                           fontsize=8)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_ylabel("throughput / linux backend (paper: / Linux)")
@@ -149,6 +150,36 @@ def plot_cost(results: dict[str, Any], path: Path) -> bool:
     axis.set_title("where a request's CPU time goes (GET and SET: 50 clients; real server: its own process)")
     axis.legend(fontsize=8)
     axis.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+_PHASE_LABELS = {"alone": "alone", "flood": "neighbour flooded", "limited": "flooded, rate specifier"}
+_PHASE_SHADES = {"alone": 1.0, "flood": 0.55, "limited": 0.8}
+
+
+def plot_isolation(results: dict[str, Any], path: Path) -> bool:
+    """The victim's p50 and p99 in each phase, per backend: the noisy-neighbour plot."""
+    experiment = results["experiments"].get("isolation", {})
+    if experiment.get("status") != "ok":
+        return False
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False)
+    for axis, metric in zip(axes[0], ("p50_us", "p99_us")):
+        positions, heights, colours = [], [], []
+        for group, backend in enumerate(("vnic", "linux")):
+            for offset, phase in enumerate(_PHASE_LABELS):
+                positions.append(group * 4 + offset)
+                heights.append(experiment[backend][phase]["victim"][metric])
+                base = mcolors.to_rgb(COLOURS[backend])
+                shade = _PHASE_SHADES[phase]
+                colours.append(tuple(1 - (1 - c) * shade for c in base))
+        axis.bar(positions, heights, color=colours, edgecolor=[COLOURS[b] for b in ("vnic", "linux") for _ in _PHASE_LABELS])
+        axis.set_xticks(positions, [f"{backend}\n{_PHASE_LABELS[phase]}" for backend in ("vnic", "linux")
+                                    for phase in _PHASE_LABELS], fontsize=7)
+        axis.set_ylabel(f"victim GET {metric[:3]} (µs), 1 client")
+        axis.set_title(f"victim's {metric[:3]}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -217,6 +248,19 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {target} | {_num(udp[target]['p50_us'], 1)} | {_num(udp[target]['p99_us'], 1)} | "
                          f"{udp[target]['samples']} |")
         lines.append("")
+    isolation = experiments.get("isolation", {})
+    if isolation.get("status") == "ok":
+        lines += ["## Isolation: the victim's GET latency (µs, 1 client) beside a flooded neighbour", "",
+                  f"The neighbour is flooded with {isolation['datagram_bytes']}-byte datagrams; its limit is a tenth of "
+                  "what the flood offered. Goal: with the limit, the victim's p99 within 1.2× of its p99 alone.", "",
+                  "| | alone p50 | alone p99 | flooded p50 | flooded p99 | limited p50 | limited p99 | "
+                  "limited p99 / alone | offered Mbit/s | limit Mbit/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for backend in ("vnic", "linux"):
+            row = isolation[backend]
+            cells = [f"{_num(row[phase]['victim'][m])}" for phase in _PHASE_LABELS for m in ("p50_us", "p99_us")]
+            lines.append(f"| {backend} | " + " | ".join(cells) + f" | {row['p99_over_alone']['limited']:.2f} | "
+                         f"{row['offered_bps'] / 1e6:.0f} | {row['limit_bps'] / 1e6:.1f} |")
+        lines += ["", "![isolation](isolation.png)", ""]
     not_run = [(name, e["why"]) for name, e in experiments.items() if e.get("status") != "ok"]
     if not_run:
         lines += ["## Not run", ""] + [f"* `{name}`: {why}" for name, why in not_run] + [""]
@@ -226,7 +270,7 @@ def markdown(results: dict[str, Any]) -> str:
 def write(results: dict[str, Any], out: Path) -> list[Path]:
     """report.md and every plot there is data for; returns the paths written."""
     written = []
-    for name, plot in zip(PLOTS, (plot_ccdf, plot_throughput, plot_cost)):
+    for name, plot in zip(PLOTS, (plot_ccdf, plot_throughput, plot_cost, plot_isolation)):
         if plot(results, out / name):
             written.append(out / name)
     (out / "report.md").write_text(markdown(results))

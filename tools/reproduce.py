@@ -10,8 +10,10 @@ It builds a topology instance of its own and, in one run, measures against the b
   (right) and 50 for throughput;
 * ``udp_echo``: one request in flight against the UDP echo app: the round-trip distribution and
   the single-core cost per packet;
-* ``memcached_scaling`` and ``isolation``: recorded as not run, with the reason, until the
-  device spreads a function's flows over several queues (issue 10, item 1).
+* ``isolation``: a victim's GET latency alone, beside a flooded neighbour, and beside the same
+  flood with the neighbour held by a rate specifier (vnic) or tc (linux): ``tools/isolation.py``;
+* ``memcached_scaling``: recorded as not run, with the reason, until the device spreads a
+  function's flows over several queues (issue 10, item 1).
 
 Every throughput step also records the CPU time per request of the server and of each device
 host, split into user and kernel time from /proc/PID/stat: the measured cost breakdown.
@@ -57,10 +59,12 @@ from tools.benchlib import (
     machine_info,
     pin_device_hosts,
     ratio,
+    redis_benchmark_distribution,
     stop,
     write_json,
 )
-from tools.latency import Distribution, DistributionError, parse_redis_benchmark
+from tools.isolation import IsolationRun
+from tools.latency import Distribution
 from tools.nsrun import run_in_netns
 
 TARGETS = ("vnic", "linux", "real")
@@ -68,7 +72,6 @@ EXPERIMENTS = ("redis_get", "durable_set", "udp_echo", "memcached_scaling", "iso
 NOT_BUILT = {
     "memcached_scaling": "needs a function with several queue pairs and RSS in the VNIC, and --workers in "
     "the memcached server (issue 10, item 1); not built yet",
-    "isolation": "needs the victim/flooder pair on one VNIC with a rate specifier (issue 10, item 3); not built yet",
 }
 PLAIN_PORT = 6390  # the not-durable key-value servers and the plain redis-server
 ECHO_PORT = 7
@@ -83,14 +86,15 @@ class Sizes:
     durable_c1: int
     durable_c50: int
     udp: int
+    isolation: int
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(get_c1=1000, get_c50=5000, durable_c1=200, durable_c50=1000, udp=1000)
+        return cls(get_c1=1000, get_c50=5000, durable_c1=200, durable_c50=1000, udp=1000, isolation=500)
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(get_c1=20000, get_c50=100000, durable_c1=3000, durable_c50=20000, udp=20000)
+        return cls(get_c1=20000, get_c50=100000, durable_c1=3000, durable_c50=20000, udp=20000, isolation=10000)
 
 
 class CpuSplit:
@@ -136,21 +140,6 @@ class Steps:
         self.console.log(f"{name}: {time.monotonic() - started:.1f} s")
 
 
-def redis_benchmark(topo: Topology, host: str, port: int, test: str, clients: int, requests: int) -> dict[str, Any]:
-    """redis-benchmark with its whole latency distribution (no ``-q``, no ``--csv``)."""
-    argv = in_netns(topo.client_netns, CLIENT_CPU, "redis-benchmark", "-h", host, "-p", str(port), "-t", test,
-                    "-n", str(requests), "-c", str(clients), "-P", "1")
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0 or "rror" in done.stderr:
-        raise BenchError(f"redis-benchmark against {host}:{port} failed: {done.stdout[-300:]}{done.stderr[-300:]}")
-    try:
-        run = parse_redis_benchmark(done.stdout)
-    except DistributionError as exc:
-        raise BenchError(str(exc)) from None
-    return {"rps": run.rps, "p50_us": run.latency.percentile(0.5), "p99_us": run.latency.percentile(0.99),
-            "requests": requests, "clients": clients, "latency": run.latency.to_json()}
-
-
 def _wait_for_redis(topo: Topology, host: str, port: int, process: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + 15
     probe = ["ip", "netns", "exec", topo.client_netns, "redis-cli", "-h", host, "-p", str(port), "PING"]
@@ -192,15 +181,15 @@ def run_redis(topo: Topology, steps: Steps, sizes: Sizes, hosts: dict[str, int],
     for target in TARGETS:
         with server(topo, target, durable, workdir) as (process, host, port):
             if not durable:  # the GETs must hit: redis-benchmark's SET writes the key its GET reads
-                redis_benchmark(topo, host, port, "set", 50, 1000)
+                redis_benchmark_distribution(topo, host, port, "set", 50, 1000)
             with steps.step(f"{name} {target} c=1"):
-                one = redis_benchmark(topo, host, port, test, 1, small)
+                one = redis_benchmark_distribution(topo, host, port, test, 1, small)
             with steps.step(f"{name} {target} c=50"):
                 pids = {"app": process.pid}
                 if target == "vnic":
                     pids.update({f"{kind}_host": pid for kind, pid in hosts.items()})
                 meter = CpuSplit(pids)
-                fifty = redis_benchmark(topo, host, port, test, 50, large)
+                fifty = redis_benchmark_distribution(topo, host, port, test, 50, large)
                 fifty["cpu_us_per_request"] = meter.per_request_us(large)
         out[target] = {"c1": one, "c50": fifty}
     out["ratios"] = {
@@ -283,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes.__dict__,
         "experiments": {},
     }
-    planned = {"redis_get": 2 * len(TARGETS), "durable_set": 2 * len(TARGETS), "udp_echo": 2}
+    planned = {"redis_get": 2 * len(TARGETS), "durable_set": 2 * len(TARGETS), "udp_echo": 2, "isolation": 6}
     console = Console(stderr=True)
     kernelctl(args.tag, "up")
     try:
@@ -292,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis_get": lambda steps: run_redis(topo, steps, sizes, hosts, False, workdir),
             "durable_set": lambda steps: run_redis(topo, steps, sizes, hosts, True, workdir),
             "udp_echo": lambda steps: run_udp(topo, steps, sizes, hosts),
+            "isolation": lambda steps: IsolationRun(topo, sizes.isolation, steps.step, 1.5 if args.quick else 3.0).run(),
         }
         with Steps(sum(planned.get(name, 0) for name in args.only), console) as steps:
             for name in EXPERIMENTS:
