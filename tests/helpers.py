@@ -338,3 +338,19 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def sanitized_vfast_env() -> dict[str, str]:
+    """Build the VNIC fast path's ASan/UBSan module (the set-up builds only the plain one) and
+    return an environment that loads it: ARRAKIS_VDEV_FAST=asan, libasan preloaded, any
+    report fatal."""
+    repo = Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "vdev.fast.build", "--sanitize"], cwd=repo, capture_output=True,
+                           text=True)
+    assert built.returncode == 0, built.stderr
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    assert os.path.exists(libasan), "gcc's libasan.so is missing"
+    env = dict(os.environ, ARRAKIS_VDEV_FAST="asan", LD_PRELOAD=libasan,
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    env.pop("ARRAKIS_PURE", None)
+    return env

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import sanitized_vfast_env
 from vdev import layout
 from vdev.fast.mirror import FastPath
 from vdev.ring import DriverRing
@@ -361,13 +362,7 @@ def test_unmap_between_bursts_leaves_no_export() -> None:
 
 def test_sanitized_build_passes_the_differential_test() -> None:
     """The same differential and hostile-input tests against the ASan/UBSan build."""
-    built = subprocess.run([sys.executable, "-m", "vdev.fast.build", "--sanitize"], cwd=REPO, capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    assert os.path.exists(libasan), "gcc's libasan.so is missing"
-    env = dict(os.environ, ARRAKIS_VDEV_FAST="asan", LD_PRELOAD=libasan, DEVFAST_EXAMPLES="60",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-    env.pop("ARRAKIS_PURE", None)
+    env = dict(sanitized_vfast_env(), DEVFAST_EXAMPLES="60")
     result = subprocess.run(
         # --noconftest: the suite's session hooks run system tools, which must not inherit
         # the libasan preload; this module needs no fixture from there.
