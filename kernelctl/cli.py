@@ -6,6 +6,8 @@
     kernelctl status    functions, filters and rate limits with their counters (-j: JSON)
     kernelctl vsa create NAME SIZE | resize NAME SIZE | delete NAME | ls
     kernelctl vsa grant NAME UID ro|rw | revoke NAME UID
+    kernelctl ls [-l] [-j] PATH | stat PATH | cat PATH | rm PATH | mkdir PATH
+                        the global name tree (kernelctl/names_cli.py)
 
 ``--instance TAG`` selects a side-by-side instance with its own names (tests use this).
 """
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kernelctl import storage, tc, topology
+from kernelctl import names_cli, storage, tc, topology
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     revoke = vsa_commands.add_parser("revoke", help="take a grant back")
     revoke.add_argument("name")
     revoke.add_argument("uid", type=int)
+    names_cli.add_parsers(commands)
     args = parser.parse_args(argv)
     if args.command in ("up", "down") and os.geteuid() != 0:
         print("kernelctl: up and down need root", file=sys.stderr)
@@ -319,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kernelctl: {exc}", file=sys.stderr)
         return 2
-    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "vsa": cmd_vsa}
+    handlers: dict[str, Callable[[Topology, argparse.Namespace], int]] = {
+        "up": cmd_up, "down": cmd_down, "status": cmd_status, "vsa": cmd_vsa, **names_cli.HANDLERS,
+    }
     return handlers[args.command](topo, args)
 
 

@@ -1,0 +1,198 @@
+"""The name tree and way 1 (the file server RPC) end to end, as root, on one instance:
+``kernelctl ls/stat/cat/rm/mkdir``, modes against another uid (setpriv), names withdrawn
+when their server dies, the kv server's live names, hostile readers, and a server that
+dies under a reader."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernelctl.client import ControlClient, ControlError
+from kernelctl.fileclient import FileClient, FileRpcError, open_name
+from kernelctl.names import Topology, topology
+from tests.conftest import KERNELCTL, REPO, kernelctl, require_root, running_instance, unique_tag
+from tests.helpers import App, pid_alive
+from vdev import control
+
+pytestmark = pytest.mark.root
+OTHER = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    require_root()
+    with running_instance(topology(unique_tag())) as topo:
+        yield topo
+
+
+def run_as_other(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OTHER, *KERNELCTL, "--instance", topo.tag, *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def share(topo: Topology, directory: Path, name: str, *extra: str) -> App:
+    return App("libos.apps.fileshare", "--instance", topo.tag, "--name", name, str(directory), *extra)
+
+
+def names_under(topo: Topology, path: str) -> list[str]:
+    listing = json.loads(kernelctl(topo.tag, "ls", "-j", path).stdout)
+    return [entry["name"] for entry in listing["entries"]]
+
+
+def wait_gone(topo: Topology, path: str, name: str, within: float) -> float:
+    start = time.monotonic()
+    while name in names_under(topo, path):
+        assert time.monotonic() - start < within, f"{path}/{name} still there after {within} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_ls_stat_cat_modes_and_withdrawal(topo: Topology, tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "hello.txt").write_bytes(b"hello, names\n")
+    (tmp_path / "sub" / "blob").write_bytes(os.urandom(3 << 20))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "s").write_bytes(b"s\n")
+    with share(topo, tmp_path, "share") as app:
+        long = kernelctl(topo.tag, "ls", "-l", "/apps/share").stdout
+        assert "-rw-r--r--" in long and "served" in long and "hello.txt" in long and "sub" in long
+        assert kernelctl(topo.tag, "cat", "/apps/share/hello.txt").stdout == "hello, names\n"
+        out = subprocess.run([*KERNELCTL, "--instance", topo.tag, "cat", "/apps/share/sub/blob"],
+                             capture_output=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0 and out.stdout == (tmp_path / "sub" / "blob").read_bytes()
+        stat = json.loads(kernelctl(topo.tag, "stat", "-j", "/apps/share/hello.txt").stdout)
+        assert (stat["kind"], stat["owner_uid"], stat["mode"]) == ("served", 0, 0o644)
+        # Another uid: admitted where the mode allows, refused where it does not.
+        assert run_as_other(topo, "cat", "/apps/share/hello.txt").stdout == "hello, names\n"
+        refused = run_as_other(topo, "rm", "/apps/share/hello.txt")
+        assert refused.returncode == 1 and "EACCES" in refused.stderr
+        # The server dies (SIGKILL: no goodbye): its names are gone within a second.
+        os.kill(app.pid, signal.SIGKILL)
+        assert wait_gone(topo, "/apps", "share", within=1.0) < 1.0
+    with share(topo, tmp_path, "private", "--mode", "600", "--dir-mode", "700"):
+        refused = run_as_other(topo, "cat", "/apps/private/hello.txt")
+        assert refused.returncode == 1 and "EACCES" in refused.stderr
+        assert run_as_other(topo, "ls", "/apps/private").returncode == 1
+        assert "private" in run_as_other(topo, "ls", "/apps").stdout
+    assert "private" not in names_under(topo, "/apps")  # SIGTERM: withdrawn as well
+
+
+def test_lasting_names_survive_down_and_up(topo: Topology) -> None:
+    kernelctl(topo.tag, "mkdir", "/apps/lasting")
+    made = run_as_other(topo, "mkdir", "/apps/lasting/x")
+    assert made.returncode == 1 and "EACCES" in made.stderr  # root's 0755 directory
+    kernelctl(topo.tag, "down")
+    kernelctl(topo.tag, "up")
+    assert "lasting" in names_under(topo, "/apps")
+    assert run_as_other(topo, "rm", "/apps/lasting").returncode == 1  # /apps is sticky
+    kernelctl(topo.tag, "rm", "/apps/lasting")
+    assert "lasting" not in names_under(topo, "/apps")
+
+
+def test_kv_server_serves_keys_and_info_live(topo: Topology) -> None:
+    port = 6300 + os.getpid() % 500
+    with App("libos.apps.kv", "--backend", "vnic", "--instance", topo.tag, "--port", str(port)) as app:
+        base = f"/apps/kv-{port}"
+        assert sorted(names_under(topo, base)) == ["info", "keys"]
+        assert kernelctl(topo.tag, "cat", f"{base}/keys").stdout == ""
+        for key in ("alpha", "beta", "gamma"):
+            subprocess.run(["ip", "netns", "exec", topo.client_netns, "redis-cli", "-h", topo.vnic_ip, "-p",
+                            str(port), "set", key, "v"], check=True, capture_output=True, timeout=30)
+        assert sorted(kernelctl(topo.tag, "cat", f"{base}/keys").stdout.split()) == ["alpha", "beta", "gamma"]
+        info = kernelctl(topo.tag, "cat", f"{base}/info").stdout
+        assert f"tcp_port:{port}" in info and "db0:keys=3" in info
+        app.stop()
+    assert f"kv-{port}" not in names_under(topo, "/apps")
+
+
+def test_hostile_readers_cost_only_their_connection(topo: Topology, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x" * 100_000)
+    with share(topo, tmp_path, "hostile") as app, ControlClient(topo.control_socket) as client:
+        attacks = [
+            b"\xff" * 64,  # garbage
+            b"\x7f\xff\xff\xff" + b"\x01" * 8,  # a length far past the bound
+            b"\x00\x00\x00\x05\x02\x00\x00\x00\x01",  # a READ with no body, then silence
+            b"\x00\x00\x00\x07",  # truncated header, then gone
+        ]
+        for attack in attacks:
+            _, sock = open_name(client, "/apps/hostile/f")
+            assert sock is not None
+            sock.sendall(attack)
+            sock.close()
+        idle = [open_name(client, "/apps/hostile/f")[1] for _ in range(20)]  # readers that never read
+        for sock in idle:
+            assert sock is not None
+            with FileClient(sock, timeout=10) as files:  # out of order: READ before OPEN
+                with pytest.raises(FileRpcError) as refused:
+                    files.read(1, 0, 10)
+                assert refused.value.errno == errno.EBADF
+        _, sock = open_name(client, "/apps/hostile/f")
+        assert sock is not None
+        with FileClient(sock) as files:
+            handle, attr = files.open("/apps/hostile/f")
+            assert attr.size == 100_000 and b"".join(files.read_all(handle)) == b"x" * 100_000
+        # A name the connection was not granted, and a control request with a bad path.
+        with pytest.raises(ControlError, match="ENOENT"):
+            open_name(client, "/apps/hostile/missing")
+        with pytest.raises((ControlError, control.ProtocolError)):
+            client.request("name_open", path="/apps/../etc", write=False)
+        assert pid_alive(app.pid)
+        assert kernelctl(topo.tag, "cat", "/apps/hostile/f").stdout == "x" * 100_000
+
+
+def test_acting_for_another_uid_is_root_only(topo: Topology) -> None:
+    script = (
+        "from kernelctl.client import ControlClient, ControlError\n"
+        "from kernelctl.fileclient import open_name\n"
+        f"c = ControlClient({str(topo.control_socket)!r})\n"
+        "try:\n    open_name(c, '/apps', as_uid=0)\nexcept ControlError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([*OTHER, KERNELCTL[0], "-c", script], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert "EPERM" in out.stdout, out.stderr
+
+
+def test_a_server_that_dies_gives_its_reader_an_error_not_a_hang(topo: Topology, tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(os.urandom(16 << 20))
+    with share(topo, tmp_path, "dying") as app, ControlClient(topo.control_socket) as client:
+        _, sock = open_name(client, "/apps/dying/big")
+        assert sock is not None
+        with FileClient(sock, timeout=30) as files:
+            handle, _ = files.open("/apps/dying/big")
+            assert len(files.read(handle, 0, 1 << 20)) == 1 << 20
+            os.kill(app.pid, signal.SIGKILL)
+            start = time.monotonic()
+            with pytest.raises(FileRpcError) as failed:
+                for offset in range(1 << 20, 16 << 20, 1 << 20):
+                    files.read(handle, offset, 1 << 20)
+            assert failed.value.errno == errno.EIO and time.monotonic() - start < 1.0
+    wait_gone(topo, "/apps", "dying", within=1.0)
+
+
+def test_bad_serve_requests_are_refused(topo: Topology) -> None:
+    with ControlClient(topo.control_socket) as client:
+        with pytest.raises(ControlError, match="file descriptors"):
+            client.request("name_serve", names=[{"path": "/apps/nofd"}])
+        stream_a, stream_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with pytest.raises(ControlError, match="SEQPACKET"):
+            client.call(control.NameServe(names=(control.NameSpec(path="/apps/wrongfd", kind="dir"),)),
+                        fds=[stream_a.fileno()])
+        stream_a.close()
+        stream_b.close()
+        with pytest.raises(ControlError, match="ENOENT"):
+            client.call(control.NamePublish(server=12345, names=(control.NameSpec(path="/apps/x", kind="dir"),)))
+        for bad in ({"path": "/apps/x", "mode": 0o77777}, {"path": "x" * 2000}, {"path": "/apps/x", "kind": "vsa"}):
+            with pytest.raises(ControlError):
+                client.request("name_publish", server=1, names=[bad])
+    assert "nofd" not in names_under(topo, "/apps")
