@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kernelctl import names_cli, storage, tc, topology
+from kernelctl import fuse_mount, names_cli, storage, tc, topology
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
@@ -60,6 +60,8 @@ def _reachable(topo: Topology) -> bool:
 def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
     if _reachable(topo):
         print(f"kernelctl: instance {topo.tag or 'default'} is already up")
+        if not fuse_mount.healthy(topo):  # the FUSE export was killed: mount it again
+            _mount_names(topo)
         return 0
     stale = _daemon_pid(topo)
     if stale is not None:
@@ -82,6 +84,7 @@ def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
             print(log_path.read_text()[-4000:], file=sys.stderr)
             return 1
         if topo.control_socket.exists() and _reachable(topo):
+            _mount_names(topo)
             print(
                 f"kernelctl: up (instance {topo.tag or 'default'}, pid {process.pid}): "
                 f"clients in netns {topo.client_netns} at {topo.client_ip}, VNIC {topo.vnic_ip}, "
@@ -94,7 +97,14 @@ def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
     return 1
 
 
+def _mount_names(topo: Topology) -> None:
+    why = fuse_mount.start(topo)
+    if why:
+        print(f"kernelctl: the name tree is not exported at {fuse_mount.mountpoint(topo)}: {why}", file=sys.stderr)
+
+
 def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
+    fuse_mount.stop(topo)  # first: its process holds a control connection and the mount
     pid = _daemon_pid(topo)
     if _reachable(topo):
         try:
@@ -115,6 +125,7 @@ def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
         if _daemon_pid(topo) == pid:
             os.kill(pid, signal.SIGKILL)
     # Whatever the daemon did or did not get to, leave nothing behind.
+    fuse_mount.stop(topo)
     try:
         tc.teardown(topo)
     except Exception:
