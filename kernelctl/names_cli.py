@@ -91,8 +91,13 @@ def cmd_cat(topo: Topology, args: argparse.Namespace) -> int:
         return 1
     if sock is None:
         kind = name.get("kind")
-        hint = " (map its VSA: libos.storage)" if kind in ("vsa", "store") else ""
-        print(f"kernelctl: cat {args.path}: a {kind} name is not served{hint}", file=sys.stderr)
+        if kind == "store":
+            # Way 2: this process maps the VSA itself. kernelctl never imports the libOS, so
+            # the reader runs as a program of its own, with this uid.
+            sys.stdout.flush()
+            argv = [sys.executable, "-m", "libos.storage.filecat", "--instance", topo.tag, args.path]
+            os.execv(sys.executable, argv)
+        print(f"kernelctl: cat {args.path}: a {kind} name holds no bytes to read", file=sys.stderr)
         return 1
     out = sys.stdout.buffer
     try:
