@@ -382,6 +382,8 @@ class NameTree:
                     raise NameError_(f"a target has at most {MAX_TARGET} characters")
                 self._check_parent(db, path, caller)
                 existing = self._get(db, path)
+                if existing is not None and kind == "dir" and existing.kind == "dir" and existing.owner_uid == caller.uid:
+                    continue  # mkdir -p: a directory of one's own is there already (it keeps its owner server)
                 if existing is not None:
                     if not (replace_own and server and existing.server == server):
                         raise NameExists(f"{path} exists (owner uid {existing.owner_uid}, {existing.kind})")

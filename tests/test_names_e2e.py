@@ -196,3 +196,27 @@ def test_bad_serve_requests_are_refused(topo: Topology) -> None:
             with pytest.raises(ControlError):
                 client.request("name_publish", server=1, names=[bad])
     assert "nofd" not in names_under(topo, "/apps")
+
+
+def test_durable_kv_snapshot_is_a_store_file_a_grantee_reads(topo: Topology) -> None:
+    port = 6800 + os.getpid() % 500
+    vsa = f"kvsnap{port}"
+    with App("libos.apps.kv", "--backend", "vnic", "--instance", topo.tag, "--port", str(port), "--durable",
+             "--vsa", vsa, "--log-size", str(8 << 20)) as app:
+        base = f"/apps/kv-{port}"
+        assert sorted(names_under(topo, base)) == ["info", "keys", "snapshot"]
+        # ~10 MiB of SETs through a 2 MiB log half: the log fills and snapshots.
+        subprocess.run(["ip", "netns", "exec", topo.client_netns, "redis-benchmark", "-h", topo.vnic_ip, "-p",
+                        str(port), "-t", "set", "-n", "400", "-d", "25000", "-r", "20", "-c", "2", "-q"],
+                       check=True, capture_output=True, timeout=120)
+        snapshot = subprocess.run([*KERNELCTL, "--instance", topo.tag, "cat", f"{base}/snapshot"],
+                                  capture_output=True, timeout=60, cwd=REPO)
+        assert snapshot.returncode == 0, snapshot.stderr
+        assert snapshot.stdout.startswith(b"ARXKVSN1") and b"SET" in snapshot.stdout
+        kernelctl(topo.tag, "vsa", "grant", vsa, "1000", "ro")
+        granted = subprocess.run([*OTHER, *KERNELCTL, "--instance", topo.tag, "cat", f"{base}/snapshot"],
+                                 capture_output=True, timeout=60, cwd=REPO)
+        assert granted.returncode == 0 and granted.stdout[:8] == b"ARXKVSN1", granted.stderr
+        app.stop()
+    # The server is gone: its served names went with it, the snapshot's name stays.
+    assert names_under(topo, f"/apps/kv-{port}") == ["snapshot"]

@@ -121,3 +121,12 @@ def test_a_corrupt_row_is_an_error_not_a_crash(tmp_path: Path, column: str, valu
     db.close()
     with pytest.raises(nametree.NameError_):
         NameTree(path).list("/", ROOT)
+
+
+def test_a_server_may_publish_into_a_lasting_directory_of_its_uid(tree: NameTree) -> None:
+    tree.add([("/apps/kv", "dir", 0o755, ""), ("/apps/kv/snapshot", "store", 0o644, "kv:snapshot")], ALICE)
+    tree.add([("/apps/kv", "dir", 0o755, ""), ("/apps/kv/keys", "served", 0o444, "")], ALICE, server=5)
+    with pytest.raises(nametree.NameExists):  # not another uid's
+        tree.add([("/apps/kv", "dir", 0o755, "")], BOB, server=6)
+    tree.withdraw(5)
+    assert [e.path for e in tree.list("/apps/kv", ROOT)[1]] == ["/apps/kv/snapshot"]

@@ -203,6 +203,20 @@ def _blocks_for(payload_len: int, block_size: int) -> int:
     return -(-(RECORD_HEADER_SIZE + payload_len) // block_size)
 
 
+def recorded_area_blocks(dev: BlockDevice, start_block: int = 0) -> int | None:
+    """The area size a log at ``start_block`` recorded in its newest intact superblock, if
+    any: how a reader that did not format the log (a grantee of a shared VSA) finds its end."""
+    if not 0 <= start_block <= dev.num_blocks - SUPERBLOCK_SLOTS:
+        return None
+    slots = dev.read(start_block, SUPERBLOCK_SLOTS)
+    size = dev.block_size
+    found = [sb for sb in (Superblock.unpack(slots[i * size : (i + 1) * size]) for i in range(SUPERBLOCK_SLOTS)) if sb]
+    if not found:
+        return None
+    area = max(found, key=lambda sb: sb.generation).area_blocks
+    return area if MIN_AREA_BLOCKS <= area <= dev.num_blocks - start_block else None
+
+
 class PersistentLog:
     """An append-only log of byte records in blocks ``[start_block, start_block + num_blocks)``.
 
@@ -236,6 +250,8 @@ class PersistentLog:
         block_size = dev.block_size
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"unsupported block size {block_size}")
+        if num_blocks is None and read_only:
+            num_blocks = recorded_area_blocks(dev, start_block)
         if num_blocks is None:
             num_blocks = dev.num_blocks - start_block
         if start_block < 0 or num_blocks < MIN_AREA_BLOCKS or start_block + num_blocks > dev.num_blocks:

@@ -22,7 +22,7 @@ from libos.apps.kv.durable import (
     open_linux_log,
     open_vsa_log,
 )
-from libos.apps.kv.files import kv_names
+from libos.apps.kv.files import kv_names, name_snapshot
 from libos.apps.kv.server import DEFAULT_MAX_CLIENTS, KvServer
 from libos.files import FileServer, ServerError
 from libos.storage.log import LogError
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         server = KvServer(los, args.port, address=args.address, max_clients=args.max_clients,
                           command_log=command_log)
         if args.names if args.names is not None else args.backend == "vnic":
+            if args.durable and args.backend == "vnic":
+                name_snapshot(args.instance, args.port, args.vsa or f"kv-{args.port}")
             files = FileServer(args.instance)
             files.start(kv_names(server.engine, args.port))
     except (LibOSError, ValueError, OSError, ControlError, LogError, CommandLogError, ServerError) as exc:

@@ -11,8 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from kernelctl.client import ControlClient, ControlError
+from kernelctl.names import topology
 from libos.apps.kv.commands import KvEngine, info_text
+from libos.apps.kv.durable import SNAPSHOT_FILE
 from libos.files import BytesSource, Source
+from vdev import control
 
 
 def keys_text(engine: KvEngine) -> bytes:
@@ -27,3 +31,20 @@ def kv_names(engine: KvEngine, port: int, clock: Callable[[], float] = time.time
         (f"{base}/keys", BytesSource(lambda: keys_text(engine), mode=0o444), 0o444),
         (f"{base}/info", BytesSource(lambda: info_text(engine, clock()) + b"\r\n", mode=0o444), 0o444),
     ]
+
+
+def name_snapshot(instance: str, port: int, vsa: str) -> None:
+    """``/apps/kv-PORT/snapshot``: the durable snapshot, a file of the store on ``vsa``
+    (kind ``store``, lasting: it names data that outlives the server). The directory is
+    made lasting too, so the file server's names go in it and only they are withdrawn."""
+    with ControlClient(topology(instance).control_socket) as client:
+        for body in (
+            control.NameMake(path=f"/apps/kv-{port}", kind="dir", mode=0o755),
+            control.NameMake(path=f"/apps/kv-{port}/snapshot", kind="store", mode=0o644,
+                             target=f"{vsa}:{SNAPSHOT_FILE}"),
+        ):
+            try:
+                client.call(body)
+            except ControlError as exc:
+                if not str(exc).startswith("EEXIST"):
+                    raise
