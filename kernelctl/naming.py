@@ -152,10 +152,12 @@ class NamePlane:
                 raise NamingError("EINVAL: a store name's target is VSA:FILE")
             vsa_access(vsa, uid)  # only who may write the VSA names files in it
         try:
-            (name,) = self._tree().add([(body.path, body.kind, body.mode, body.target)], Caller(uid, gid))
+            made = self._tree().add([(body.path, body.kind, body.mode, body.target)], Caller(uid, gid))
         except NameError_ as exc:
             raise _err(exc) from None
-        return name.as_dict()
+        if not made:  # the caller's own directory was there already (add is mkdir -p)
+            raise NamingError(f"EEXIST: {body.path} exists")
+        return made[0].as_dict()
 
     def remove(self, uid: int, gid: int, body: control.NameRemove) -> dict[str, Any]:
         try:

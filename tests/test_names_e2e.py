@@ -220,3 +220,9 @@ def test_durable_kv_snapshot_is_a_store_file_a_grantee_reads(topo: Topology) -> 
         app.stop()
     # The server is gone: its served names went with it, the snapshot's name stays.
     assert names_under(topo, f"/apps/kv-{port}") == ["snapshot"]
+    # A restart finds its names in place (they are its own) and serves again.
+    with App("libos.apps.kv", "--backend", "vnic", "--instance", topo.tag, "--port", str(port), "--durable",
+             "--vsa", vsa, "--log-size", str(8 << 20)):
+        assert sorted(names_under(topo, f"/apps/kv-{port}")) == ["info", "keys", "snapshot"]
+        again = kernelctl(topo.tag, "mkdir", f"/apps/kv-{port}", check=False)
+        assert again.returncode == 1 and "EEXIST" in again.stderr
