@@ -19,8 +19,12 @@ How a request is answered:
   so ``tail -f`` sees a growing file grow. Attributes and entries are cached by the kernel
   for ``CACHE_SECONDS`` only, so names that are withdrawn disappear that fast.
 
-Files in a VSA's file store and VSAs are listed but not readable here (EOPNOTSUPP): reading
-them needs the VSA mapped (way 2), which is the libOS's business.
+* a file in a VSA's file store (kind ``store``) is read by way 2: at open, the export runs
+  ``python -m libos.storage.filecat`` *as the calling uid and gid* (``setpriv``), which
+  opens the VSA read-only through that uid's own VSIC function, so the VSA's grants decide
+  as they would for the caller itself; its output is then served from memory (at most
+  ``MAX_STORE_FILE`` bytes). kernelctl never imports the libOS, so this is a program run,
+  not a call. VSAs themselves (``/vsa``) are listed but not readable here (EOPNOTSUPP).
 
 The file system is read-only. pyfuse3 runs on trio; every blocking call (kernelctl, a file
 server) goes to a worker thread so one slow server never stalls the others.
@@ -34,6 +38,7 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 from collections import OrderedDict
@@ -55,6 +60,8 @@ CACHE_SECONDS = 0.25  # entry and attribute timeout: withdrawn names vanish this
 SERVER_TIMEOUT = 5.0  # a file server that does not answer in this long is EIO
 POOL_SIZE = 64  # pooled connections for STAT of served files
 MAX_READ = 1 << 20
+MAX_STORE_FILE = 256 << 20
+STORE_READ_TIMEOUT = 60.0
 T = TypeVar("T")
 
 
@@ -68,16 +75,18 @@ class _Pooled:
 
 
 class _Open:
-    def __init__(self, files: FileClient, handle: int) -> None:
-        self.files = files
+    def __init__(self, files: FileClient | None, handle: int, data: bytes = b"") -> None:
+        self.files = files  # None: a store file, read whole at open (``data``)
         self.handle = handle
+        self.data = data
         self.lock = threading.Lock()
 
 
 class NamesFs(pyfuse3.Operations):
-    def __init__(self, control_path: str) -> None:
+    def __init__(self, control_path: str, instance: str = "") -> None:
         super().__init__()
         self.control_path = control_path
+        self.instance = instance
         self._control: ControlClient | None = None
         self._control_lock = threading.Lock()
         self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: "/"}
@@ -254,6 +263,8 @@ class NamesFs(pyfuse3.Operations):
             except ControlError as exc:
                 raise pyfuse3.FUSEError(errno_of(exc)) from None
         if sock is None:
+            if name.get("kind") == "store":
+                return _Open(None, 0, self._read_store(path, uid, gid))
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP if name.get("kind") != "dir" else errno.EISDIR)
         files = FileClient(sock, timeout=SERVER_TIMEOUT)
         try:
@@ -262,6 +273,22 @@ class NamesFs(pyfuse3.Operations):
             files.close_connection()
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         return _Open(files, handle)
+
+    def _read_store(self, path: str, uid: int, gid: int) -> bytes:
+        """Way 2, as the caller: its uid maps the VSA (its grants decide) and reads the file."""
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                sys.executable, "-m", "libos.storage.filecat", "--instance", self.instance, path]
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=STORE_READ_TIMEOUT,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        except (OSError, subprocess.TimeoutExpired):
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if done.returncode != 0:
+            denied = b"may not" in done.stderr or b"EACCES" in done.stderr
+            raise pyfuse3.FUSEError(errno.EACCES if denied else errno.EIO)
+        if len(done.stdout) > MAX_STORE_FILE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        return done.stdout
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
@@ -274,6 +301,8 @@ class NamesFs(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     def _read(self, opened: _Open, offset: int, size: int) -> bytes:
+        if opened.files is None:
+            return opened.data[offset : offset + size]
         with opened.lock:
             try:
                 return opened.files.read(opened.handle, offset, min(size, MAX_READ))
@@ -288,7 +317,7 @@ class NamesFs(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         opened = self._open.pop(fh, None)
-        if opened is not None:
+        if opened is not None and opened.files is not None:
             opened.files.close_connection()  # closing the connection closes its handles
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -305,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fuse[%(process)d] %(message)s")
     topo = topology(args.instance)
-    fs = NamesFs(str(topo.control_socket))
+    fs = NamesFs(str(topo.control_socket), args.instance)
     options = set(pyfuse3.default_options)
     options |= {"fsname=arrakis-names", "subtype=arrakis", "default_permissions", "allow_other", "ro"}
     os.makedirs(args.mountpoint, exist_ok=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kernelctl import fuse_mount
 from kernelctl.client import ControlClient
 from kernelctl.names import Topology, topology
 from libos.storage.filestore import FileStore
@@ -126,6 +127,14 @@ def test_store_names_and_kernelctl_cat(topo: Topology) -> None:
     assert granted.returncode == 0 and granted.stdout == data
     closed = as_other(*cli, "/apps/snapper/closed")
     assert closed.returncode != 0 and b"EACCES" in closed.stderr
+    # Way 2 through the FUSE mount: the export reads as the calling uid, so grants hold there too.
+    mounted = fuse_mount.mountpoint(topo) / "apps" / "snapper"
+    assert (mounted / "open").read_bytes() == data
+    assert as_other("cat", str(mounted / "open")).stdout == data
+    assert b"Permission denied" in as_other("cat", str(mounted / "closed")).stderr
+    kernelctl(topo.tag, "vsa", "revoke", "snapvsa", "1000")
+    revoked = as_other("cat", str(mounted / "open"))
+    assert revoked.returncode != 0 and b"Permission denied" in revoked.stderr
     # Only who may write the VSA names files in it.
     made = as_other(*KERNELCTL, "--instance", topo.tag, "mkdir", "/apps/other")
     assert made.returncode == 0
