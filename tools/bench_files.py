@@ -11,7 +11,9 @@ On its own instance:
   on a VSA, by a read-only reader mapping the VSA (way 2);
 * ``--small`` files of 4 KiB are created, written and made durable one by one: in the file
   store on a VSA (create + write + fsync), and on the ext4 image (open O_CREAT + write +
-  fsync of the file and of its directory, which ext4 needs for the name to be durable).
+  fsync of the file and of its directory, which ext4 needs for the name to be durable);
+  then as many 4 KiB appends to one file, each made durable (append + fsync; write +
+  fdatasync).
 
 Prints a table and writes JSON. Figures depend on the machine: on a small shared one the
 device hosts, the FUSE process and the readers compete for the same cores.
@@ -114,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                     owner.fsync()
 
             store_seconds, _ = timed(store_small)
+            owner.create("appended")
+
+            def store_append() -> None:
+                for _ in range(args.small):
+                    owner.append("appended", block)
+                    owner.fsync()
+
+            store_append_seconds, _ = timed(store_append)
             owner.close()
         small_dir = folder / "small"
         small_dir.mkdir(exist_ok=True)
@@ -129,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
 
         ext4_seconds, _ = timed(ext4_small)
         os.close(dir_fd)
+        append_fd = os.open(folder / "appended", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+        def ext4_append() -> None:
+            for _ in range(args.small):
+                os.write(append_fd, block)
+                os.fdatasync(append_fd)
+
+        ext4_append_seconds, _ = timed(ext4_append)
+        os.close(append_fd)
 
         print(f"\nreading {args.mib} MiB (sha256 checked), warm page cache; "
               f"machine: {results['machine']}")
@@ -140,9 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'store':<72} {'files/s':>8}")
         print(f"{'file store on a VSA (create + write + fsync)':<72} {args.small / store_seconds:8.0f}")
         print(f"{'ext4 on the loop image (create + write + fsync file + fsync dir)':<72} {args.small / ext4_seconds:8.0f}")
+        print(f"\n{args.small} appends of 4 KiB to one file, each made durable")
+        print(f"{'store':<72} {'appends/s':>9}")
+        print(f"{'file store on a VSA (append + fsync)':<72} {args.small / store_append_seconds:9.0f}")
+        print(f"{'ext4 on the loop image (write O_APPEND + fdatasync)':<72} {args.small / ext4_append_seconds:9.0f}")
         results["read_seconds"] = reads
         results["small_files_per_second"] = {"filestore_vsa": args.small / store_seconds,
                                              "ext4": args.small / ext4_seconds}
+        results["appends_per_second"] = {"filestore_vsa": args.small / store_append_seconds,
+                                         "ext4": args.small / ext4_append_seconds}
         write_json(args.json, results)
     finally:
         if share is not None:
