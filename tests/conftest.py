@@ -108,6 +108,15 @@ def instance() -> Iterator[Topology]:
         yield topo
 
 
+@pytest.fixture(scope="session")
+def names_instance() -> Iterator[Topology]:
+    """One instance for the name tree's root tests (tests/test_names_*.py): each of them
+    uses its own names under /apps, so they share it and its start-up and tear-down."""
+    require_root()
+    with running_instance(topology(unique_tag())) as topo:
+        yield topo
+
+
 @pytest.fixture
 def h11_instance() -> Iterator[Topology]:
     """Like ``instance``, with a tag of the server tests' own ("h11..."), purged after."""

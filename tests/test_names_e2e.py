@@ -12,15 +12,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.fileclient import FileClient, FileRpcError, open_name
-from kernelctl.names import Topology, topology
-from tests.conftest import KERNELCTL, REPO, kernelctl, require_root, running_instance, unique_tag
+from kernelctl.names import Topology
+from tests.conftest import KERNELCTL, REPO, kernelctl
 from tests.helpers import App, pid_alive
 from vdev import control
 
@@ -28,11 +27,9 @@ pytestmark = pytest.mark.root
 OTHER = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
 
 
-@pytest.fixture(scope="module")
-def topo() -> Iterator[Topology]:
-    require_root()
-    with running_instance(topology(unique_tag())) as topo:
-        yield topo
+@pytest.fixture
+def topo(names_instance: Topology) -> Topology:
+    return names_instance
 
 
 def run_as_other(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
@@ -88,16 +85,14 @@ def test_ls_stat_cat_modes_and_withdrawal(topo: Topology, tmp_path: Path) -> Non
     assert "private" not in names_under(topo, "/apps")  # SIGTERM: withdrawn as well
 
 
-def test_lasting_names_survive_down_and_up(topo: Topology) -> None:
-    kernelctl(topo.tag, "mkdir", "/apps/lasting")
-    made = run_as_other(topo, "mkdir", "/apps/lasting/x")
+def test_sticky_apps_and_mkdir_modes(topo: Topology) -> None:
+    kernelctl(topo.tag, "mkdir", "/apps/rootdir")
+    made = run_as_other(topo, "mkdir", "/apps/rootdir/x")
     assert made.returncode == 1 and "EACCES" in made.stderr  # root's 0755 directory
-    kernelctl(topo.tag, "down")
-    kernelctl(topo.tag, "up")
-    assert "lasting" in names_under(topo, "/apps")
-    assert run_as_other(topo, "rm", "/apps/lasting").returncode == 1  # /apps is sticky
-    kernelctl(topo.tag, "rm", "/apps/lasting")
-    assert "lasting" not in names_under(topo, "/apps")
+    assert run_as_other(topo, "rm", "/apps/rootdir").returncode == 1  # /apps is sticky
+    assert run_as_other(topo, "mkdir", "/apps/users-own").returncode == 0
+    kernelctl(topo.tag, "rm", "/apps/rootdir")
+    assert "rootdir" not in names_under(topo, "/apps")
 
 
 def test_kv_server_serves_keys_and_info_live(topo: Topology) -> None:

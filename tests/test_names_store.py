@@ -9,21 +9,20 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 
 from kernelctl import fuse_mount
 from kernelctl.client import ControlClient
-from kernelctl.names import Topology, topology
+from kernelctl.names import Topology
 from libos.storage.filestore import FileStore
 from libos.storage.vsa import open_vsa
-from tests.conftest import KERNELCTL, REPO, kernelctl, require_root, running_instance, unique_tag
+from tests.conftest import KERNELCTL, REPO, kernelctl
 from vdev import control
 
 pytestmark = pytest.mark.root
 OTHER = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
-LINES = [b"line %06d %s\n" % (n, b"y" * (n % 200)) for n in range(4000)]
+LINES = [b"line %06d %s\n" % (n, b"y" * (n % 200)) for n in range(2000)]
 FULL = b"".join(LINES)
 
 READER = r"""
@@ -41,11 +40,9 @@ with open_vsa(vsa, instance=instance, write=False) as handle:
 """
 
 
-@pytest.fixture(scope="module")
-def topo() -> Iterator[Topology]:
-    require_root()
-    with running_instance(topology(unique_tag())) as topo:
-        yield topo
+@pytest.fixture
+def topo(names_instance: Topology) -> Topology:
+    return names_instance
 
 
 def as_other(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
@@ -60,7 +57,7 @@ def test_a_grantee_reads_a_prefix_while_the_owner_writes(topo: Topology) -> None
         store = FileStore(vsa.device)
         store.create("lines")
         store.fsync()
-        reader = subprocess.Popen([*OTHER, sys.executable, "-c", READER, topo.tag, "shared", "60"],
+        reader = subprocess.Popen([*OTHER, sys.executable, "-c", READER, topo.tag, "shared", "25"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
         written = threading.Event()
 
@@ -76,7 +73,7 @@ def test_a_grantee_reads_a_prefix_while_the_owner_writes(topo: Topology) -> None
         writer.join()
         assert reader.returncode == 0, err.decode()
         seen = [line.split() for line in out.decode().splitlines()]
-        assert len(seen) == 60
+        assert len(seen) == 25
         last = 0
         for length, digest in seen:
             # Whole records only: every state the reader saw is a batch boundary of the owner's
