@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernelctl import fileproto as fp
+from kernelctl.fileclient import FileClient, FileRpcError
 from libos.files.session import MAX_HANDLES, MAX_OUTPUT, Grant, ServerSession
 from libos.files.sources import BytesSource, MemoryFile, Source
 
@@ -166,3 +167,46 @@ def test_a_writer_cannot_make_the_server_allocate_at_will() -> None:
     s.receive(fp.encode_request(fp.Open(1, PATH, True)) + fp.encode_request(fp.Write(2, 1, 1 << 40, b"x")))
     reply = replies(s)[1]
     assert isinstance(reply, fp.Error) and reply.errno == errno.EFBIG and len(file.data) == 0
+
+
+# ---- the reader's side against a hostile or dead server ------------------------------------------
+
+
+def _client_against(server_bytes: bytes, close: bool, timeout: float = 2.0) -> FileRpcError:
+    import socket
+    import threading
+
+    ours, theirs = socket.socketpair()
+
+    def serve() -> None:
+        theirs.recv(4096)  # the request
+        theirs.sendall(server_bytes)
+        if close:
+            theirs.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = FileClient(ours, timeout=timeout)
+    with pytest.raises(FileRpcError) as failed:
+        client.read(1, 0, 10)
+    thread.join()
+    client.close_connection()
+    if not close:
+        theirs.close()
+    return failed.value
+
+
+@pytest.mark.parametrize("server_bytes, close", [
+    (b"", True),  # dies before answering
+    (b"\xff" * 20, False),  # garbage
+    (struct.pack("!IBI", fp.MAX_FRAME + 1, fp.READ | fp.REPLY, 1), False),  # an oversized reply
+    (fp.encode_reply(fp.Data(99, b"x")), False),  # a reply to another request
+    (fp.encode_reply(fp.Written(1, 3)), False),  # the wrong kind of reply
+    (b"", False),  # says nothing: the timeout
+])
+def test_a_hostile_or_dead_server_is_eio_for_the_reader(server_bytes: bytes, close: bool) -> None:
+    assert _client_against(server_bytes, close, timeout=0.5).errno == errno.EIO
+
+
+def test_an_error_reply_keeps_its_errno() -> None:
+    assert _client_against(fp.encode_reply(fp.Error(1, errno.ENOENT, "gone")), False).errno == errno.ENOENT
