@@ -130,3 +130,11 @@ def test_a_server_may_publish_into_a_lasting_directory_of_its_uid(tree: NameTree
         tree.add([("/apps/kv", "dir", 0o755, "")], BOB, server=6)
     tree.withdraw(5)
     assert [e.path for e in tree.list("/apps/kv", ROOT)[1]] == ["/apps/kv/snapshot"]
+
+
+def test_a_listing_is_bounded(tree: NameTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nametree, "MAX_LIST", 3)
+    tree.add([(f"/apps/n{i}", "dir", 0o755, "") for i in range(4)], ROOT)
+    with pytest.raises(nametree.NameQuota):
+        tree.list("/apps", ROOT)
+    tree.list("/", ROOT)
