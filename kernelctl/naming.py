@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernelctl import nametree
 from kernelctl.nametree import Caller, NameError_, NameTree
 from vdev import control
 
@@ -254,4 +253,4 @@ class NamePlane:
         }
 
 
-__all__ = ["FileServer", "NamePlane", "NamingError", "nametree"]
+__all__ = ["FileServer", "NamePlane", "NamingError"]
