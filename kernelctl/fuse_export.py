@@ -277,7 +277,8 @@ class NamesFs(pyfuse3.Operations):
     def _read_store(self, path: str, uid: int, gid: int) -> bytes:
         """Way 2, as the caller: its uid maps the VSA (its grants decide) and reads the file."""
         argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-                sys.executable, "-m", "libos.storage.filecat", "--instance", self.instance, path]
+                sys.executable, "-m", "libos.storage.filecat", "--instance", self.instance,
+                "--max-bytes", str(MAX_STORE_FILE), path]
         try:
             done = subprocess.run(argv, capture_output=True, timeout=STORE_READ_TIMEOUT,
                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -285,7 +286,8 @@ class NamesFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         if done.returncode != 0:
             denied = b"may not" in done.stderr or b"EACCES" in done.stderr
-            raise pyfuse3.FUSEError(errno.EACCES if denied else errno.EIO)
+            too_big = b"more than" in done.stderr
+            raise pyfuse3.FUSEError(errno.EACCES if denied else errno.EFBIG if too_big else errno.EIO)
         if len(done.stdout) > MAX_STORE_FILE:
             raise pyfuse3.FUSEError(errno.EFBIG)
         return done.stdout

@@ -138,3 +138,19 @@ def test_a_listing_is_bounded(tree: NameTree, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(nametree.NameQuota):
         tree.list("/apps", ROOT)
     tree.list("/", ROOT)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.lists(st.sampled_from(["apps", "..", ".", "", "a b", "x" * 130, "ok", "é"]),
+                                                 max_size=20).map("/".join)))
+def test_fuzz_paths_raise_only_name_errors(path: str) -> None:
+    try:
+        parts = nametree.split_path(path)
+    except nametree.NameError_:
+        return
+    assert all(part not in (".", "..") and 0 < len(part) <= nametree.MAX_COMPONENT for part in parts)
+    assert len(parts) <= nametree.MAX_DEPTH and nametree.normalize(path).startswith("/")

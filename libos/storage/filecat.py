@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import BinaryIO
 
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.fileclient import open_name
@@ -28,7 +29,13 @@ def store_target(target: str) -> tuple[str, str]:
     return vsa, file
 
 
-def read_store_file(instance: str, path: str) -> bytes:
+DEFAULT_MAX_BYTES = 1 << 30
+CHUNK = 1 << 20
+
+
+def read_store_file(instance: str, path: str, out: BinaryIO, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """Write the file named ``path`` to ``out`` in chunks; its size. The store is its
+    owner's: a file larger than ``max_bytes`` (a hostile owner's 1 TiB hole) is refused."""
     with ControlClient(topology(instance).control_socket) as client:
         name, sock = open_name(client, path)
     if sock is not None:
@@ -39,7 +46,12 @@ def read_store_file(instance: str, path: str) -> bytes:
     with open_vsa(vsa_name, instance=instance, write=False) as vsa:
         store = FileStore(vsa.device, read_only=True)
         try:
-            return store.read(file)
+            size = store.stat(file).size
+            if size > max_bytes:
+                raise ValueError(f"{path} holds {size} bytes, more than {max_bytes}")
+            for offset in range(0, size, CHUNK):
+                out.write(store.read(file, offset, CHUNK))
+            return size
         finally:
             store.close()
 
@@ -48,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m libos.storage.filecat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance", default="")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse larger files")
     parser.add_argument("path")
     args = parser.parse_args(argv)
     try:
-        data = read_store_file(args.instance, args.path)
+        read_store_file(args.instance, args.path, sys.stdout.buffer, args.max_bytes)
+        sys.stdout.buffer.flush()
     except (ControlError, FileStoreError, ValueError, OSError) as exc:
         print(f"filecat: {args.path}: {exc}", file=sys.stderr)
         return 1
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
     return 0
 
 
