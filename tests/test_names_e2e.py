@@ -221,3 +221,27 @@ def test_durable_kv_snapshot_is_a_store_file_a_grantee_reads(topo: Topology) -> 
         assert sorted(names_under(topo, f"/apps/kv-{port}")) == ["info", "keys", "snapshot"]
         again = kernelctl(topo.tag, "mkdir", f"/apps/kv-{port}", check=False)
         assert again.returncode == 1 and "EEXIST" in again.stderr
+
+
+def test_a_uid_runs_a_bounded_number_of_file_servers(topo: Topology) -> None:
+    script = (
+        "from libos.files import FileServer, MemoryFile, ServerError\n"
+        "from kernelctl.naming import MAX_SERVERS_PER_UID\n"
+        "servers = []\n"
+        "for n in range(MAX_SERVERS_PER_UID + 1):\n"
+        "    server = FileServer(%r)\n"
+        "    try:\n"
+        "        server.start([(f'/apps/quota{n}', MemoryFile(b'x'), 0o644)])\n"
+        "    except ServerError as exc:\n"
+        "        print(n, exc)\n"
+        "        break\n"
+        "    servers.append(server)\n"
+        "for server in servers:\n"
+        "    server.stop()\n"
+    ) % topo.tag
+    out = subprocess.run([*OTHER, KERNELCTL[0], "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.stdout.startswith("16 EAGAIN"), (out.stdout, out.stderr)
+    deadline = time.monotonic() + 5
+    while [name for name in names_under(topo, "/apps") if name.startswith("quota")]:
+        assert time.monotonic() < deadline, "the stopped servers' names stayed"
+        time.sleep(0.05)
