@@ -245,3 +245,32 @@ def test_a_uid_runs_a_bounded_number_of_file_servers(topo: Topology) -> None:
     while [name for name in names_under(topo, "/apps") if name.startswith("quota")]:
         assert time.monotonic() < deadline, "the stopped servers' names stayed"
         time.sleep(0.05)
+
+
+def test_one_server_serves_many_readers_at_once(topo: Topology, tmp_path: Path) -> None:
+    import hashlib
+    import threading
+
+    payload = os.urandom(4 << 20)
+    (tmp_path / "f").write_bytes(payload)
+    digests: list[str] = []
+    errors: list[BaseException] = []
+
+    def read_all() -> None:
+        try:
+            with ControlClient(topo.control_socket) as client:
+                _, sock = open_name(client, "/apps/many/f")
+            assert sock is not None
+            with FileClient(sock) as files:
+                handle, _ = files.open("/apps/many/f")
+                digests.append(hashlib.sha256(b"".join(files.read_all(handle, chunk=256 << 10))).hexdigest())
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    with share(topo, tmp_path, "many"):
+        readers = [threading.Thread(target=read_all) for _ in range(12)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=120)
+    assert not errors and digests == [hashlib.sha256(payload).hexdigest()] * 12
