@@ -210,3 +210,13 @@ def test_a_hostile_or_dead_server_is_eio_for_the_reader(server_bytes: bytes, clo
 
 def test_an_error_reply_keeps_its_errno() -> None:
     assert _client_against(fp.encode_reply(fp.Error(1, errno.ENOENT, "gone")), False).errno == errno.ENOENT
+
+
+def test_a_failing_source_is_an_error_reply_not_the_end_of_the_server() -> None:
+    def broken() -> bytes:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    s = ServerSession(Grant("/apps/t/gen", 0, 0, False), {"/apps/t/gen": BytesSource(broken)}.get, {}.get)
+    s.receive(fp.encode_request(fp.Open(1, "/apps/t/gen", False)))
+    reply = replies(s)[0]
+    assert isinstance(reply, fp.Error) and reply.errno == errno.EIO and not s.failed

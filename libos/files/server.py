@@ -178,7 +178,12 @@ class FileServer:
                         if not self._on_notes(selector):
                             return
                     else:
-                        self._on_reader(selector, key.data, mask)
+                        try:
+                            self._on_reader(selector, key.data, mask)
+                        except Exception:  # one reader's trouble ends its connection only
+                            log.exception("file server: a reader")
+                            self.readers_failed += 1
+                            self._drop(selector, key.data)
         except Exception:
             log.exception("file server thread")
         finally:

@@ -142,6 +142,8 @@ class ServerSession:
             return fp.Error(request.tag, exc.errno or errno.EIO, exc.strerror or str(exc))
         except (OverflowError, ValueError):  # an offset past what the file system takes
             return fp.Error(request.tag, errno.EINVAL, "offset out of range")
+        except Exception as exc:  # a source's bug is this request's error, not the server's end
+            return fp.Error(request.tag, errno.EIO, f"server error: {type(exc).__name__}")
 
     def _open(self, request: fp.Open) -> fp.Reply:
         if request.path != self.grant.path:
