@@ -46,11 +46,19 @@ def names_under(topo: Topology, path: str) -> list[str]:
     return [entry["name"] for entry in listing["entries"]]
 
 
+def listed(client: ControlClient, path: str) -> list[str]:
+    result, _ = client.call(control.NameList(path=path))
+    return [entry["name"] for entry in result["entries"]]
+
+
 def wait_gone(topo: Topology, path: str, name: str, within: float) -> float:
+    """Seconds until ``path/name`` is withdrawn, asked in-process (a CLI per look would
+    spend the budget starting Python)."""
     start = time.monotonic()
-    while name in names_under(topo, path):
-        assert time.monotonic() - start < within, f"{path}/{name} still there after {within} s"
-        time.sleep(0.05)
+    with ControlClient(topo.control_socket) as client:
+        while name in listed(client, path):
+            assert time.monotonic() - start < within, f"{path}/{name} still there after {within} s"
+            time.sleep(0.02)
     return time.monotonic() - start
 
 
