@@ -228,6 +228,13 @@ def render_status(status: dict[str, Any]) -> str:
         out.append("  (none)")
     if status.get("tc_missing"):
         out.append(str(status["tc_missing"]))
+    names = status.get("names")
+    if isinstance(names, dict):
+        servers = names.get("servers") or []
+        out.append(f"\nNames: {names.get('names')} in the tree (kernelctl ls -l /apps); file servers: {len(servers)}")
+        if servers:
+            out.append(_table(["SERVER", "PID", "UID", "OPENS"],
+                              [[s.get("server"), s.get("pid"), s.get("uid"), s.get("opens")] for s in servers]))
     return "\n".join(out)
 
 
