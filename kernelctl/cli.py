@@ -6,6 +6,8 @@
     kernelctl status    functions, filters and rate limits with their counters (-j: JSON)
     kernelctl vsa create NAME SIZE | resize NAME SIZE | delete NAME | ls
     kernelctl vsa grant NAME UID ro|rw | revoke NAME UID
+    kernelctl ls [-l] [-j] PATH | stat PATH | cat PATH | rm PATH | mkdir PATH
+                        the global name tree (kernelctl/names_cli.py)
 
 ``--instance TAG`` selects a side-by-side instance with its own names (tests use this).
 """
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kernelctl import storage, tc, topology
+from kernelctl import fuse_mount, names_cli, storage, tc, topology
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
@@ -58,6 +60,8 @@ def _reachable(topo: Topology) -> bool:
 def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
     if _reachable(topo):
         print(f"kernelctl: instance {topo.tag or 'default'} is already up")
+        if not fuse_mount.healthy(topo):  # the FUSE export was killed: mount it again
+            _mount_names(topo)
         return 0
     stale = _daemon_pid(topo)
     if stale is not None:
@@ -80,6 +84,7 @@ def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
             print(log_path.read_text()[-4000:], file=sys.stderr)
             return 1
         if topo.control_socket.exists() and _reachable(topo):
+            _mount_names(topo)
             print(
                 f"kernelctl: up (instance {topo.tag or 'default'}, pid {process.pid}): "
                 f"clients in netns {topo.client_netns} at {topo.client_ip}, VNIC {topo.vnic_ip}, "
@@ -92,7 +97,14 @@ def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
     return 1
 
 
+def _mount_names(topo: Topology) -> None:
+    why = fuse_mount.start(topo)
+    if why:
+        print(f"kernelctl: the name tree is not exported at {fuse_mount.mountpoint(topo)}: {why}", file=sys.stderr)
+
+
 def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
+    fuse_mount.stop(topo)  # first: its process holds a control connection and the mount
     pid = _daemon_pid(topo)
     if _reachable(topo):
         try:
@@ -113,6 +125,7 @@ def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
         if _daemon_pid(topo) == pid:
             os.kill(pid, signal.SIGKILL)
     # Whatever the daemon did or did not get to, leave nothing behind.
+    fuse_mount.stop(topo)
     try:
         tc.teardown(topo)
     except Exception:
@@ -215,6 +228,13 @@ def render_status(status: dict[str, Any]) -> str:
         out.append("  (none)")
     if status.get("tc_missing"):
         out.append(str(status["tc_missing"]))
+    names = status.get("names")
+    if isinstance(names, dict):
+        servers = names.get("servers") or []
+        out.append(f"\nNames: {names.get('names')} in the tree (kernelctl ls -l /apps); file servers: {len(servers)}")
+        if servers:
+            out.append(_table(["SERVER", "PID", "UID", "OPENS"],
+                              [[s.get("server"), s.get("pid"), s.get("uid"), s.get("opens")] for s in servers]))
     return "\n".join(out)
 
 
@@ -310,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     revoke = vsa_commands.add_parser("revoke", help="take a grant back")
     revoke.add_argument("name")
     revoke.add_argument("uid", type=int)
+    names_cli.add_parsers(commands)
     args = parser.parse_args(argv)
     if args.command in ("up", "down") and os.geteuid() != 0:
         print("kernelctl: up and down need root", file=sys.stderr)
@@ -319,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kernelctl: {exc}", file=sys.stderr)
         return 2
-    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "vsa": cmd_vsa}
+    handlers: dict[str, Callable[[Topology, argparse.Namespace], int]] = {
+        "up": cmd_up, "down": cmd_down, "status": cmd_status, "vsa": cmd_vsa, **names_cli.HANDLERS,
+    }
     return handlers[args.command](topo, args)
 
 

@@ -42,14 +42,14 @@ class ControlClient:
             raise ControlError(str(exc)) from None
         return self._exchange(request_id, payload)
 
-    def call(self, body: control.Record) -> tuple[Any, list[int]]:
-        """A typed request: checked here as the daemon will check it, then sent."""
+    def call(self, body: control.Record, fds: list[int] | None = None) -> tuple[Any, list[int]]:
+        """A typed request (with the fds it takes): checked here as the daemon will check it, then sent."""
         request_id = next(self._ids)
-        return self._exchange(request_id, control.request_json(request_id, body))
+        return self._exchange(request_id, control.request_json(request_id, body), fds or [])
 
-    def _exchange(self, request_id: int, payload: bytes) -> tuple[Any, list[int]]:
+    def _exchange(self, request_id: int, payload: bytes, fds: list[int] | None = None) -> tuple[Any, list[int]]:
         try:
-            control.send_blocking(self._sock, payload)
+            control.send_blocking(self._sock, payload, fds or ())
         except OSError as exc:
             # The daemon may have refused the connection with a reason (too many of them).
             raise ControlError(self._refusal() or f"cannot send to kernelctl: {exc.strerror or exc}") from None

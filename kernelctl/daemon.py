@@ -50,6 +50,7 @@ from typing import Any
 
 from kernelctl import tc, topology
 from kernelctl.hostproc import DeviceHostProcess, HostError, vnic_host, vsic_host
+from kernelctl.naming import FileServer, NamePlane, NamingError
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
 from kernelctl.policy import Policy, PolicyError
@@ -88,6 +89,7 @@ class Caller:
     uid: int
     gid: int
     functions: set[int] = field(default_factory=set)
+    servers: set[int] = field(default_factory=set)  # file servers it started (name_serve)
     dropped: bool = False
 
     @property
@@ -112,6 +114,7 @@ class FunctionRecord:
 
 
 Handler = Callable[["Caller", Any], tuple[object, list[int]]]
+FdHandler = Callable[["Caller", Any, list[int]], tuple[object, list[int]]]
 
 
 class Daemon:
@@ -132,6 +135,8 @@ class Daemon:
         self.storage = StoragePlane(
             topo, lambda: [r.vsa for r in self.functions.values() if r.device == "vsic"], policy
         )
+        # The name tree and its live file servers; a server's channel sits in the selector.
+        self.names = NamePlane(self._watch_server, self._unwatch_server, self._vsa_owners)
         # The control protocol's ops, by record class (vdev.control.CONTROL).
         self.handlers: dict[type[control.Record], Handler] = {
             control.OpenVnic: self._open_vnic,
@@ -146,8 +151,18 @@ class Daemon:
             control.VsaList: self._storage_request,
             control.VsaGrant: self._storage_request,
             control.VsaRevoke: self._storage_request,
+            control.NamePublish: self._name_publish,
+            control.NameMake: self._name_make,
+            control.NameOpen: self._name_open,
+            control.NameList: self._name_list,
+            control.NameStat: self._name_stat,
+            control.NameRemove: self._name_remove,
         }
-        missing = set(control.CONTROL.records.values()) - set(self.handlers)
+        # Requests that come with file descriptors (their record's TAKES_FDS).
+        self.fd_handlers: dict[type[control.Record], FdHandler] = {
+            control.NameServe: self._name_serve,
+        }
+        missing = set(control.CONTROL.records.values()) - set(self.handlers) - set(self.fd_handlers)
         if missing:
             raise TypeError(f"no handler for {sorted(r.OP for r in missing)}")
 
@@ -164,6 +179,7 @@ class Daemon:
             log.warning("tc rate limits unavailable: %s", exc)
             self.tc_missing = f"{self.tc_missing}; tc roots failed: {exc}".strip("; ")
         self.storage.start()
+        self.names.start(topo.registry_path)
         self._start_host("vnic")
         self._start_host("vsic")
         path = topo.control_socket
@@ -214,6 +230,8 @@ class Daemon:
                             mask &= ~selectors.EVENT_READ
                         if self._on_caller(caller, mask):
                             served.add(caller.uid)
+                    elif isinstance(key.data, FileServer):
+                        self.names.on_channel(key.data)
                     elif key.data in self.hosts:
                         self._on_host_events(key.data)
                 except Exception:
@@ -235,6 +253,10 @@ class Daemon:
                 pass
             host.stop()
         self.hosts.clear()
+        try:
+            self.names.stop()
+        except Exception as exc:
+            log.warning("names: %s", exc)
         if self.listener is not None:
             self.selector.unregister(self.listener)
             self.listener.close()
@@ -334,7 +356,12 @@ class Daemon:
 
     def _serve(self, caller: Caller, incoming: control.Incoming) -> None:
         """Answer one request; whatever happens, the caller gets a reply and the loop goes on."""
-        control.close_fds(incoming.fds)  # no request takes file descriptors
+        try:
+            self._serve_request(caller, incoming)
+        finally:
+            control.close_fds(incoming.fds)  # a handler keeps its own copies (os.dup)
+
+    def _serve_request(self, caller: Caller, incoming: control.Incoming) -> None:
         if incoming.payload is None:
             self._reply(caller, control.Reply(None, False, error=f"malformed request: {incoming.error}"))
             return
@@ -345,9 +372,15 @@ class Daemon:
             return
         reply_fds: list[int] = []
         try:
-            if incoming.fds:
-                raise RequestError("requests carry no file descriptors")
-            result, reply_fds = self.handlers[type(request.body)](caller, request.body)
+            if len(incoming.fds) != request.body.TAKES_FDS:
+                raise RequestError(
+                    f"{request.body.OP} comes with {request.body.TAKES_FDS} file descriptors, not {len(incoming.fds)}"
+                )
+            fd_handler = self.fd_handlers.get(type(request.body))
+            if fd_handler is not None:
+                result, reply_fds = fd_handler(caller, request.body, list(incoming.fds))
+            else:
+                result, reply_fds = self.handlers[type(request.body)](caller, request.body)
         except RequestError as exc:
             self._reply(caller, control.Reply(request.id, False, error=str(exc)))
         except Exception as exc:
@@ -423,6 +456,59 @@ class Daemon:
             return self.storage.handle(body, caller.uid), []
         except StorageRequestError as exc:
             raise RequestError(str(exc)) from None
+
+    # ---- names (kernelctl/naming.py) --------------------------------------------------------
+
+    def _watch_server(self, server: FileServer) -> None:
+        self.selector.register(server.channel, selectors.EVENT_READ, server)
+
+    def _unwatch_server(self, server: FileServer) -> None:
+        try:
+            self.selector.unregister(server.channel)
+        except (KeyError, ValueError):
+            pass
+        for caller in self.callers.values():
+            caller.servers.discard(server.server_id)
+
+    def _vsa_owners(self) -> list[tuple[str, int]]:
+        registry = self.storage.registry
+        return [(vsa.name, vsa.owner_uid) for vsa in registry.list()] if registry is not None else []
+
+    def _vsa_writable(self, name: str, uid: int) -> None:
+        try:
+            self.storage.check_access(name, uid, True)
+        except StorageRequestError as exc:
+            raise NamingError(f"EACCES: {exc}") from None
+
+    def _naming(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except NamingError as exc:
+            raise RequestError(str(exc)) from None
+
+    def _name_serve(self, caller: Caller, body: control.NameServe, fds: list[int]) -> tuple[object, list[int]]:
+        result = self._naming(lambda: self.names.serve(caller.uid, caller.gid, caller.pid, body, fds))
+        caller.servers.add(result["server"])
+        return result, []
+
+    def _name_publish(self, caller: Caller, body: control.NamePublish) -> tuple[object, list[int]]:
+        return self._naming(lambda: self.names.publish(caller.uid, body, caller.servers)), []
+
+    def _name_make(self, caller: Caller, body: control.NameMake) -> tuple[object, list[int]]:
+        return self._naming(lambda: self.names.make(caller.uid, caller.gid, body, self._vsa_writable)), []
+
+    def _name_open(self, caller: Caller, body: control.NameOpen) -> tuple[object, list[int]]:
+        result, fds = self._naming(lambda: self.names.open(caller.uid, caller.gid, body))
+        return result, fds
+
+    def _name_list(self, caller: Caller, body: control.NameList) -> tuple[object, list[int]]:
+        return self._naming(lambda: self.names.list(caller.uid, caller.gid, body)), []
+
+    def _name_stat(self, caller: Caller, body: control.NameStat) -> tuple[object, list[int]]:
+        return self._naming(lambda: self.names.stat(caller.uid, caller.gid, body)), []
+
+    def _name_remove(self, caller: Caller, body: control.NameRemove) -> tuple[object, list[int]]:
+        return self._naming(lambda: self.names.remove(caller.uid, caller.gid, body)), []
 
     def _check_function_quota(self, caller: Caller, device: str) -> None:
         if caller.uid == 0:
@@ -688,6 +774,7 @@ class Daemon:
             "tc_missing": self.tc_missing,
             "storage": self.storage.status(),
             "storage_device": storage_device,
+            "names": self.names.status(),
         }
 
 

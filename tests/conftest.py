@@ -68,6 +68,11 @@ def leftovers(topo: Topology) -> list[str]:
     found += [f"loop {line}" for line in loops.splitlines() if str(topo.state_dir) in line]
     mounts = Path("/proc/mounts").read_text()
     found += [f"mount {line}" for line in mounts.splitlines() if str(topo.state_dir) in line]
+    # The FUSE export of the name tree (/run/arrakis/<tag>/names) and its process.
+    found += [f"mount {line}" for line in mounts.splitlines() if f" {topo.run_dir}/" in line]
+    procs_fuse = subprocess.run(["pgrep", "-af", f"kernelctl.fuse_export --instance {topo.tag} "],
+                                capture_output=True, text=True).stdout
+    found += [f"fuse process {line}" for line in procs_fuse.splitlines() if "pgrep" not in line]
     procs = subprocess.run(["pgrep", "-af", f"--instance {topo.tag}"], capture_output=True, text=True).stdout
     procs += subprocess.run(["pgrep", "-af", f"--tap {topo.tap}"], capture_output=True, text=True).stdout
     found += [f"process {line}" for line in procs.splitlines() if "pgrep" not in line]
@@ -103,6 +108,15 @@ def instance() -> Iterator[Topology]:
         yield topo
 
 
+@pytest.fixture(scope="session")
+def names_instance() -> Iterator[Topology]:
+    """One instance for the name tree's root tests (tests/test_names_*.py): each of them
+    uses its own names under /apps, so they share it and its start-up and tear-down."""
+    require_root()
+    with running_instance(topology(unique_tag())) as topo:
+        yield topo
+
+
 @pytest.fixture
 def h11_instance() -> Iterator[Topology]:
     """Like ``instance``, with a tag of the server tests' own ("h11..."), purged after."""
@@ -130,7 +144,11 @@ def suite_leftovers() -> list[str]:
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     found += [f"loop {line}" for line in loops.splitlines() if "arx-" in line or _TEST_IMAGES.search(line)]
     mounts = Path("/proc/mounts").read_text()
+    # Loop-mounted images under /var/lib/arrakis/<tag>/ and FUSE exports at /run/arrakis/<tag>/names.
     found += [f"mount {line}" for line in mounts.splitlines() if _TEST_IMAGES.search(line)]
+    fuse = subprocess.run(["pgrep", "-af", r"kernelctl.fuse_export --instance t[0-9a-f]{5} "],
+                          capture_output=True, text=True).stdout
+    found += [f"fuse process {line}" for line in fuse.splitlines() if "pgrep" not in line]
     return found
 
 

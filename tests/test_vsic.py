@@ -630,6 +630,27 @@ def test_two_functions_are_isolated(rig: HostRig, image: str) -> None:
         assert image_blocks(image, 0, 32) == b"1" * 16 * BS + b"2" * 16 * BS
         with pytest.raises(BlockDeviceError):
             dev_one.read(16, 1)  # function one's VSA ends where two's begins
+        # Two functions of one VSA (same name, same extents) may share: the shared VSA
+        # mapping. The same extents under another name, or other extents under the name, may not.
+        for fields, shares in (({"name": "v", "extents": [[40, 8]]}, True),
+                               ({"name": "w", "extents": [[40, 8]]}, False),
+                               ({"name": "v", "extents": [[40, 4]]}, False)):
+            socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                first = rig.request("create_function", [socks[1].fileno()], function_id=10, name="v",
+                                    extents=[[40, 8]])
+                assert first["ok"], first
+                other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                reply = rig.request("create_function", [other[1].fileno()], function_id=11, **fields)
+                assert reply["ok"] is shares, (fields, reply)
+                for sock in other:
+                    sock.close()
+                if shares:
+                    assert rig.request("destroy_function", function_id=11)["ok"]
+                assert rig.request("destroy_function", function_id=10)["ok"]
+            finally:
+                for sock in socks:
+                    sock.close()
         # A VSA that would overlap a writable one is refused; read-only ones may share.
         reply = rig.request("create_function", [], function_id=3, extents=[[8, 16]])
         assert not reply["ok"]

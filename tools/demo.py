@@ -7,7 +7,9 @@ Steps: ``kernelctl up`` builds the topology and starts the device host; the same
 application starts twice, once on the libOS over its own VNIC function (``vnic``) and once on
 Linux sockets in the baseline namespace (``linux``); then, from the client namespace, ``ping``
 and a plain UDP socket talk to both; last, ``kernelctl status`` shows the functions, filters,
-counters and rate limits the control plane set up.
+counters and rate limits the control plane set up; then the global names: ``kernelctl ls -l
+/apps``, the kv server's live key list read through the FUSE mount, and another uid reading
+the kv server's durable snapshot out of its VSA (a grant, way 2).
 """
 
 from __future__ import annotations
@@ -141,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
         banner("5. The Redis-compatible server on both backends, durable: real redis-cli and redis-benchmark")
         for backend in ("vnic", "linux"):
-            apps.append(start_app("libos.apps.kv", backend, args.instance, "--port", "6379", "--durable"))
+            # A small log on the VSA so that the demo's writes fill it and make a snapshot.
+            small = ["--vsa", "kv-demo", "--log-size", str(8 << 20)] if backend == "vnic" else []
+            apps.append(start_app("libos.apps.kv", backend, args.instance, "--port", "6379", "--durable", *small))
         for name, ip in (("vnic ", topo.vnic_ip), ("linux", topo.linux_ip)):
             client = ["ip", "netns", "exec", topo.client_netns]
             run([*client, "redis-cli", "-h", ip, "-p", "6379", "SET", "greeting", f"hello from {name.strip()}"])
@@ -149,7 +153,25 @@ def main(argv: list[str] | None = None) -> int:
             run([*client, "redis-benchmark", "-h", ip, "-p", "6379", "-t", "set,get", "-n", "2000", "-c", "10", "-q"])
         run([*kernelctl, "vsa", "ls"])
 
-        banner("6. kernelctl status: functions, filters, counters, rate limits")
+        banner("6. Global names: what the applications publish, and three ways to read them")
+        run([*kernelctl, "ls", "-l", "/apps"])
+        run([*kernelctl, "ls", "-l", "/apps/kv-6379"])
+        names = topo.run_dir / "names"
+        print(f"# way 3: any program reads the names through the FUSE mount {names}")
+        run(["sh", "-c", f"ls -l {names}/apps/kv-6379 && head -3 {names}/apps/kv-6379/keys && "
+                         f"grep -a -E 'tcp_port|db0' {names}/apps/kv-6379/info"])
+        print("# way 1: kernelctl cat asks kernelctl once, then reads from the kv server itself")
+        run([*kernelctl, "cat", "/apps/kv-6379/info"])
+        client = ["ip", "netns", "exec", topo.client_netns]
+        run([*client, "redis-benchmark", "-h", topo.vnic_ip, "-p", "6379", "-t", "set", "-n", "3000", "-d", "1000",
+             "-r", "300", "-c", "4", "-q"])
+        print("# way 2: uid 65534 (nobody), once granted the VSA read-only, reads the snapshot file from it")
+        run([*kernelctl, "vsa", "grant", "kv-demo", "65534", "ro"])
+        nobody = f"setpriv --reuid 65534 --regid 65534 --clear-groups {sys.executable} -m kernelctl.cli"
+        run(["sh", "-c", f"{nobody} {' '.join(kernelctl[3:])} cat /apps/kv-6379/snapshot | "
+                         "head -c 120 | tr -c '[:print:]' '.'; echo"])
+
+        banner("7. kernelctl status: functions, filters, counters, rate limits")
         run([*kernelctl, "status"])
     finally:
         for process in apps:
@@ -164,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print("\nThe system stays up; `.venv/bin/kernelctl down` removes it.")
         else:
-            banner("7. kernelctl down: every namespace, link, tc rule and process goes (the images stay)")
+            banner("8. kernelctl down: every namespace, link, tc rule, process and mount goes (the images stay)")
             run([*kernelctl, "down"], check=False)
     return 0
 

@@ -46,6 +46,8 @@ Bounds (the values below are the ones enforced):
 ``MAX_VSA_BYTES``               1 TiB    size of one VSA
 ``MAX_EXTENTS``                 4096     extents of one storage function
 ``MAX_QUEUES``                  64       queues of one function
+``MAX_PATH``                    1024     characters of a name in the name tree
+``MAX_NAMES_PER_REQUEST``       512      names one name_serve / name_publish makes
 ``MAX_OUTPUT``                  32 MiB   bytes a ``Channel`` holds for a peer that does not
                                          read (the daemon also holds at most one reply per
                                          caller: see kernelctl.daemon)
@@ -81,6 +83,8 @@ MAX_VSA_BYTES = 1 << 40
 MAX_EXTENTS = 4096
 MAX_QUEUES = 64
 MAX_OUTPUT = 32 << 20
+MAX_PATH = 1024
+MAX_NAMES_PER_REQUEST = 512
 MAX_ID = (1 << 53) - 1  # what every JSON implementation holds exactly
 U32 = 0xFFFFFFFF
 U64 = 0xFFFFFFFFFFFFFFFF
@@ -611,6 +615,82 @@ class VsaRevoke(Record):
     uid: int = bounded(low=0, high=U32)
 
 
+# ---- the name tree (kernelctl/nametree.py) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NameSpec(Record):
+    """One name a file server publishes: a file it serves, or a directory to hold some."""
+
+    path: str = bounded(min_len=1, max_len=MAX_PATH)
+    mode: int = bounded(0o644, high=0o7777)
+    kind: str = bounded("served", choices=("served", "dir"))
+
+
+@dataclass(frozen=True)
+class NameServe(Record):
+    """Become a file server: the fd is the server's end of a SOCK_SEQPACKET pair on which
+    kernelctl hands it one connected socket per opener. Its names live as long as that fd."""
+
+    OP = "name_serve"
+    TAKES_FDS = 1
+    names: tuple[NameSpec, ...] = bounded(min_len=1, max_len=MAX_NAMES_PER_REQUEST)
+
+
+@dataclass(frozen=True)
+class NamePublish(Record):
+    """More names for a server this connection started."""
+
+    OP = "name_publish"
+    server: int = bounded(low=1, high=U32)
+    names: tuple[NameSpec, ...] = bounded(min_len=1, max_len=MAX_NAMES_PER_REQUEST)
+
+
+@dataclass(frozen=True)
+class NameMake(Record):
+    """A lasting name: a directory, or a file in the file store of a VSA (target VSA:FILE)."""
+
+    OP = "name_make"
+    path: str = bounded(min_len=1, max_len=MAX_PATH)
+    kind: str = bounded(choices=("dir", "store"))
+    mode: int = bounded(0o755, high=0o7777)
+    target: str = bounded("", max_len=MAX_PATH)
+
+
+@dataclass(frozen=True)
+class NameOpen(Record):
+    """Open a name: access is checked here, once. ``as_uid``/``as_gid`` (root only: the
+    FUSE export acting for a local process) check for another caller than the connection's."""
+
+    OP = "name_open"
+    path: str = bounded(min_len=1, max_len=MAX_PATH)
+    write: bool = bounded(False)
+    as_uid: int = bounded(U32, high=U32)
+    as_gid: int = bounded(U32, high=U32)
+
+
+@dataclass(frozen=True)
+class NameList(Record):
+    OP = "name_list"
+    path: str = bounded(min_len=1, max_len=MAX_PATH)
+    as_uid: int = bounded(U32, high=U32)
+    as_gid: int = bounded(U32, high=U32)
+
+
+@dataclass(frozen=True)
+class NameStat(Record):
+    OP = "name_stat"
+    path: str = bounded(min_len=1, max_len=MAX_PATH)
+    as_uid: int = bounded(U32, high=U32)
+    as_gid: int = bounded(U32, high=U32)
+
+
+@dataclass(frozen=True)
+class NameRemove(Record):
+    OP = "name_remove"
+    path: str = bounded(min_len=1, max_len=MAX_PATH)
+
+
 # ---- management messages: kernelctl -> device host ---------------------------------------------
 
 
@@ -798,10 +878,12 @@ def decode_reply(payload: bytes) -> Reply | FunctionClosed:
 
 
 _hints(Filter)
+_hints(NameSpec)
 CONTROL = Protocol(
     "control",
     [OpenVnic, OpenVsa, AddFilter, SetRate, Status, Shutdown,
-     VsaCreate, VsaResize, VsaDelete, VsaList, VsaGrant, VsaRevoke],
+     VsaCreate, VsaResize, VsaDelete, VsaList, VsaGrant, VsaRevoke,
+     NameServe, NamePublish, NameMake, NameOpen, NameList, NameStat, NameRemove],
 )
 _HOST_COMMON: list[type[Record]] = [DestroyFunction, Stats, HostShutdown]
 VNIC_MGMT = Protocol("vnic management", [VnicCreateFunction, HostAddFilter, HostSetRate, *_HOST_COMMON])

@@ -203,6 +203,20 @@ def _blocks_for(payload_len: int, block_size: int) -> int:
     return -(-(RECORD_HEADER_SIZE + payload_len) // block_size)
 
 
+def recorded_area_blocks(dev: BlockDevice, start_block: int = 0) -> int | None:
+    """The area size a log at ``start_block`` recorded in its newest intact superblock, if
+    any: how a reader that did not format the log (a grantee of a shared VSA) finds its end."""
+    if not 0 <= start_block <= dev.num_blocks - SUPERBLOCK_SLOTS:
+        return None
+    slots = dev.read(start_block, SUPERBLOCK_SLOTS)
+    size = dev.block_size
+    found = [sb for sb in (Superblock.unpack(slots[i * size : (i + 1) * size]) for i in range(SUPERBLOCK_SLOTS)) if sb]
+    if not found:
+        return None
+    area = max(found, key=lambda sb: sb.generation).area_blocks
+    return area if MIN_AREA_BLOCKS <= area <= dev.num_blocks - start_block else None
+
+
 class PersistentLog:
     """An append-only log of byte records in blocks ``[start_block, start_block + num_blocks)``.
 
@@ -211,6 +225,10 @@ class PersistentLog:
     ``create`` is true. Damage in the middle raises :class:`LogCorruption` unless
     ``repair`` is true, in which case the log is cut there and :attr:`recovery` says what
     was lost. ``use_fua`` commits with FUA writes instead of write + flush.
+
+    ``read_only`` opens a log that another process writes (a grantee of a shared VSA): it
+    recovers the valid prefix as it is on the device now and never writes, so it starts no
+    session; a reader that wants later records opens the log again.
 
     Thread safety: every method may be called from any thread. Appends that overlap in time
     are committed together: the first caller to find no commit in progress becomes the
@@ -227,10 +245,13 @@ class PersistentLog:
         create: bool = True,
         use_fua: bool = False,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        read_only: bool = False,
     ) -> None:
         block_size = dev.block_size
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"unsupported block size {block_size}")
+        if num_blocks is None and read_only:
+            num_blocks = recorded_area_blocks(dev, start_block)
         if num_blocks is None:
             num_blocks = dev.num_blocks - start_block
         if start_block < 0 or num_blocks < MIN_AREA_BLOCKS or start_block + num_blocks > dev.num_blocks:
@@ -253,9 +274,17 @@ class PersistentLog:
         self._committing = False
         self._queue: list[_Queued] = []
         self._layout_version = 0
+        self.read_only = read_only
 
-        sb, newest_known = self._load_superblock(create, max_batch_bytes)
-        self.recovery, offsets, end_block = self._recover(sb, repair)
+        sb, newest_known = self._load_superblock(create and not read_only, max_batch_bytes)
+        self.recovery, offsets, end_block = self._recover(sb, repair and not read_only)
+        if read_only:
+            self._sb = sb
+            self._base_seq = sb.start_seq
+            self._offsets = offsets
+            self._end_block = end_block
+            self._next_seq = self._durable_seq = self.recovery.end_seq
+            return
         # When the other slot is damaged, the superblock lost there may have been the newest
         # one and started a session (epoch + 1) whose records are still on the disk, cut off
         # by this recovery. Reusing that epoch would let them line up behind the new
@@ -431,6 +460,8 @@ class PersistentLog:
         buf[start : start + length] = item.payload
 
     def _check_usable(self) -> None:
+        if self.read_only:
+            raise LogError("the log was opened read-only")
         if self._closed:
             raise LogClosed("the log is closed")
         if self._failed is not None:
@@ -457,6 +488,15 @@ class PersistentLog:
                 payload = self._read_record_locked(seq)
             yield seq, payload
             seq += 1
+
+    def read(self, seq: int) -> bytes:
+        """The durable record ``seq`` (checked again as it is read: LogCorruption if not)."""
+        with self._lock:
+            if self._closed:
+                raise LogClosed("the log is closed")
+            if not self._base_seq <= seq < self._durable_seq:
+                raise LogError(f"no durable record {seq} (the log holds [{self._base_seq}, {self._durable_seq}))")
+            return self._read_record_locked(seq)
 
     def _read_record_locked(self, seq: int) -> bytes:
         index = seq - self._base_seq
@@ -586,6 +626,9 @@ class PersistentLog:
         """Commit what is queued and record the durable end in the superblock."""
         with self._lock:
             if self._closed:
+                return
+            if self.read_only:
+                self._closed = True
                 return
             try:
                 if self._failed is None:

@@ -145,7 +145,9 @@ class VsicDevice:
 
         VSAs that may be written never share a physical block with another VSA: the
         device keeps that isolation even if the control plane's registry were wrong.
-        Read-only VSAs may share.
+        Read-only VSAs may share, and so may two functions of *one* VSA (the same name
+        and the very same extents): that is the shared VSA mapping, two applications
+        granted the same area, which is the control plane's decision to make.
         """
         if config.function_id in self.functions:
             self.counters.functions_refused += 1
@@ -153,7 +155,10 @@ class VsicDevice:
         try:
             vsa = VirtualStorageArea(config.extents, self.store.num_blocks, config.read_only)
             for other in self.functions.values():
-                if (not vsa.read_only or not other.vsa.read_only) and vsa.overlaps(other.vsa):
+                same_vsa = bool(config.name) and config.name == other.config.name and list(vsa.extents) == list(
+                    other.vsa.extents
+                )
+                if (not vsa.read_only or not other.vsa.read_only) and not same_vsa and vsa.overlaps(other.vsa):
                     raise VsaError(f"the VSA overlaps function {other.function_id}'s")
         except VsaError:
             self.counters.functions_refused += 1

@@ -9,6 +9,7 @@ it stops (SIGTERM or SIGINT).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from kernelctl.client import ControlError
@@ -21,7 +22,9 @@ from libos.apps.kv.durable import (
     open_linux_log,
     open_vsa_log,
 )
+from libos.apps.kv.files import kv_names, name_snapshot
 from libos.apps.kv.server import DEFAULT_MAX_CLIENTS, KvServer
+from libos.files import FileServer, ServerError
 from libos.storage.log import LogError
 
 
@@ -31,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="log every write before replying (vnic: a VSA; linux: a file fsynced per loop turn)")
     parser.add_argument("--vsa", default=None, help="vnic --durable: the VSA to log to (default kv-PORT)")
     parser.add_argument("--log-size", type=int, default=DEFAULT_LOG_BYTES, help="bytes of log (VSA or file)")
+    parser.add_argument("--names", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve /apps/kv-PORT/keys and /info in kernelctl's name tree (default: with vnic)")
     args = parse_server_args(parser, argv)
 
     should_stop = stop_on_signals()
+    files: FileServer | None = None
     try:
         command_log = None
         if args.durable:
@@ -44,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         los = open_server_libos(args, f"kv:{args.port}")
         server = KvServer(los, args.port, address=args.address, max_clients=args.max_clients,
                           command_log=command_log)
-    except (LibOSError, ValueError, OSError, ControlError, LogError, CommandLogError) as exc:
+        if args.names if args.names is not None else args.backend == "vnic":
+            if args.durable and args.backend == "vnic":
+                name_snapshot(args.instance, args.port, args.vsa or f"kv-{args.port}")
+            files = FileServer(args.instance)
+            files.start(kv_names(server.engine, args.port))
+    except (LibOSError, ValueError, OSError, ControlError, LogError, CommandLogError, ServerError) as exc:
         print(f"kv: {exc}", file=sys.stderr)
         return 1
     serve_and_report("kv", args, server, los, should_stop)
+    if files is not None:
+        files.stop()
     if server.command_log is not None:
         server.command_log.close()
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Final, Mapping, NamedTuple, Sequence
+from typing import Callable, Final, Iterable, Mapping, NamedTuple, Sequence
 
 from libos.apps.kv import resp
 from libos.apps.kv.resp import INT64_MAX, INT64_MIN, parse_int64
@@ -584,9 +584,10 @@ def _info_sections(engine: KvEngine, now: float) -> dict[bytes, list[tuple[bytes
     return sections
 
 
-def _info(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) -> Result:
+def info_text(engine: KvEngine, now: float, wanted_sections: Iterable[bytes] = ()) -> bytes:
+    """What INFO prints (its bulk string), for the sections asked for (none: the default)."""
     sections = _info_sections(engine, now)
-    wanted = {arg.lower() for arg in argv[1:]}
+    wanted = {arg.lower() for arg in wanted_sections}
     if not wanted or wanted & {b"default", b"all", b"everything"}:
         wanted = set(sections)
     parts = []
@@ -594,7 +595,11 @@ def _info(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) 
         if name in wanted:
             title = b"# " + name[:1].upper() + name[1:] + b"\r\n"
             parts.append(title + b"".join(k + b":" + v + b"\r\n" for k, v in fields))
-    return resp.bulk(b"\r\n".join(parts)), None
+    return b"\r\n".join(parts)
+
+
+def _info(engine: KvEngine, argv: list[bytes], now: float, client: ClientState) -> Result:
+    return resp.bulk(info_text(engine, now, argv[1:])), None
 
 
 def _command_info_entry(spec: CommandSpec) -> bytes:
