@@ -680,6 +680,45 @@ class HostSetRate(Record):
     tx_bps: int = bounded(0, high=MAX_RATE_BPS)
 
 
+# Controller flows (vdev.vnic.flows): kernelctl's OpenFlow switch installs them in the VNIC.
+FLOW_FIELDS = ("eth_dst", "eth_src", "eth_type", "ip_proto", "ipv4_src", "ipv4_dst", "l4_src", "l4_dst")
+U48 = (1 << 48) - 1
+MAX_FLOW_OUTPUTS = 8
+MAX_FLOW_BATCH = 1024  # flows removed by one request
+
+
+@dataclass(frozen=True)
+class FlowField(Record):
+    """One matched field; the device checks the value against the field's width."""
+
+    name: str = bounded(choices=FLOW_FIELDS)
+    value: int = bounded(high=U48)
+    mask: int = bounded(low=1, high=U48)
+
+
+@dataclass(frozen=True)
+class FlowOutput(Record):
+    function_id: int = bounded(low=0, high=U32)
+    queue: int = bounded(0, high=MAX_QUEUES - 1)
+
+
+@dataclass(frozen=True)
+class HostAddFlow(Record):
+    OP = "add_flow"
+    priority: int = bounded(high=0xFFFF)
+    match: tuple[FlowField, ...] = bounded((), max_len=len(FLOW_FIELDS))
+    outputs: tuple[FlowOutput, ...] = bounded((), max_len=MAX_FLOW_OUTPUTS)
+    to_controller: bool = bounded(False)
+    controller_len: int = bounded(0, high=0xFFFF)
+    meter: int = bounded(0, high=U32)
+
+
+@dataclass(frozen=True)
+class HostRemoveFlows(Record):
+    OP = "remove_flows"
+    flow_ids: tuple[int, ...] = bounded(min_len=1, max_len=MAX_FLOW_BATCH, high=U32)
+
+
 @dataclass(frozen=True)
 class SetLimits(Record):
     OP = "set_limits"
@@ -804,7 +843,10 @@ CONTROL = Protocol(
      VsaCreate, VsaResize, VsaDelete, VsaList, VsaGrant, VsaRevoke],
 )
 _HOST_COMMON: list[type[Record]] = [DestroyFunction, Stats, HostShutdown]
-VNIC_MGMT = Protocol("vnic management", [VnicCreateFunction, HostAddFilter, HostSetRate, *_HOST_COMMON])
+VNIC_MGMT = Protocol(
+    "vnic management",
+    [VnicCreateFunction, HostAddFilter, HostSetRate, HostAddFlow, HostRemoveFlows, *_HOST_COMMON],
+)
 VSIC_MGMT = Protocol("vsic management", [VsicCreateFunction, SetLimits, *_HOST_COMMON])
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from vdev.fast.mirror import make_fast_path
 from vdev.vnic.backend import WireBackend
 from vdev.vnic.default_function import DefaultFunction
-from vdev.vnic.filters import DEFAULT_FUNCTION, TX_REFUSED, FilterTable, Match
+from vdev.vnic.filters import CONTROLLER_FUNCTION, DEFAULT_FUNCTION, TX_REFUSED, FilterTable, Match
 from vdev.vnic.function import FunctionConfig, VnicFunction
 
 RX_BUDGET = 64  # frames taken from one wire queue per poll
+MAX_PACKET_INS = 256  # frames waiting for the host to pass them to kernelctl
 TX_BUDGET = 64  # descriptors taken from one TX ring per poll
 
 
@@ -30,6 +31,9 @@ class DeviceCounters:
     wire_tx_dropped: int = 0
     delivered: int = 0
     dropped: int = 0  # a function could not take a frame steered to it
+    flow_dropped: int = 0  # a controller flow said drop
+    packet_ins: int = 0  # frames a controller flow sent to the controller
+    packet_ins_dropped: int = 0  # ... that found the packet-in queue full
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -46,6 +50,8 @@ class VnicDevice:
         self._irq_pending: set[VnicFunction] = set()
         self.tx_deadline: float | None = None  # when a rate-limited TX ring may go on
         self.fast = make_fast_path(RX_BUDGET, TX_BUDGET)  # None: pure Python (ARRAKIS_PURE=1)
+        # (flow id, total length, the frame's first bytes) for the controller; bounded.
+        self.packet_ins: list[tuple[int, int, bytes]] = []
 
     # ---- configuration (from the control plane) -------------------------------------
 
@@ -96,6 +102,14 @@ class VnicDevice:
             counters.wire_rx_bytes += length
             for delivery in classify(frame):
                 function_id = delivery.function_id
+                if function_id < 0:
+                    # A controller flow's verdict: the controller, or nowhere.
+                    if function_id == CONTROLLER_FUNCTION:
+                        self._to_controller(delivery.filter_id, frame)
+                    else:
+                        counters.flow_dropped += 1
+                    record(delivery, length, True)
+                    continue
                 if function_id == DEFAULT_FUNCTION:
                     for reply in self.default.handle(frame, now):
                         self.send_to_wire(reply)
@@ -110,6 +124,20 @@ class VnicDevice:
                     counters.dropped += 1
                     record(delivery, length, False)
         return len(frames)
+
+    def _to_controller(self, flow_id: int, frame: bytes) -> None:
+        flow = self.filters.flows.flows.get(flow_id)
+        if flow is None:
+            return
+        if len(self.packet_ins) >= MAX_PACKET_INS:
+            self.counters.packet_ins_dropped += 1
+            return
+        self.counters.packet_ins += 1
+        self.packet_ins.append((flow_id, len(frame), bytes(frame[: flow.controller_len])))
+
+    def take_packet_ins(self) -> list[tuple[int, int, bytes]]:
+        taken, self.packet_ins = self.packet_ins, []
+        return taken
 
     def send_to_wire(self, frame: bytes) -> None:
         if self.backend.send(0, frame):

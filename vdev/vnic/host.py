@@ -33,7 +33,7 @@ from vdev.vfio_user.server import VfioUserServerConnection
 from vdev.vnic.backend import TapBackend, WireBackend
 from vdev.vnic.device import VnicDevice
 from vdev.vnic.faults import FaultSpec, FaultSpecError, FaultyBackend
-from vdev.vnic.filters import FilterConflict, Match
+from vdev.vnic.filters import FilterConflict, Match, UnknownFilter
 from vdev.vnic.function import FunctionConfig, VnicFunction
 
 # Seconds of polling after the last work before sleeping. While the device polls, an
@@ -80,6 +80,8 @@ class DeviceHost(DeviceHostBase):
             control.VnicCreateFunction: self._create_function,
             control.HostAddFilter: self._add_filter,
             control.HostSetRate: self._set_rate,
+            control.HostAddFlow: self._add_flow,
+            control.HostRemoveFlows: self._remove_flows,
         }
 
     def _function(self, function_id: int) -> VnicFunction:
@@ -94,6 +96,27 @@ class DeviceHost(DeviceHostBase):
         self.device.filters.add_rx(body.function_id, 0, match)
         self.device.filters.add_tx(body.function_id, replace(match, ip=function.config.ipv4))
         return None
+
+    def _add_flow(self, body: control.HostAddFlow, fds: list[int]) -> object:
+        fields = {item.name: (item.value, item.mask) for item in body.match}
+        if len(fields) != len(body.match):
+            raise ValueError("a field appears twice")
+        outputs = [(output.function_id, output.queue) for output in body.outputs]
+        flow_id = self.device.filters.add_flow(
+            body.priority, fields, outputs, body.to_controller, body.controller_len, body.meter
+        )
+        return {"flow_id": flow_id}
+
+    def _remove_flows(self, body: control.HostRemoveFlows, fds: list[int]) -> object:
+        # Unknown ids are skipped, not refused: a flow may already be gone with its device
+        # state (a restarted host), and the caller wants it gone either way.
+        removed = {}
+        for flow_id in body.flow_ids:
+            try:
+                removed[str(flow_id)] = self.device.filters.remove_flow(flow_id)
+            except UnknownFilter:
+                continue
+        return {"removed": removed}
 
     def _set_rate(self, body: control.HostSetRate, fds: list[int]) -> object:
         self._function(body.function_id).set_rates(body.rx_bps, body.tx_bps, time.monotonic())
