@@ -49,9 +49,13 @@ from pathlib import Path
 from typing import Any
 
 from kernelctl import tc, topology
-from kernelctl.hostproc import DeviceHostProcess, HostError, vnic_host, vsic_host
+from kernelctl.hostproc import DeviceHostProcess, HostError, nic_mac, vnic_host, vsic_host
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
+from kernelctl.openflow import access as openflow_access
+from kernelctl.openflow.channel import OpenFlowChannel
+from kernelctl.openflow.datapath import FunctionPort, VnicDatapath
+from kernelctl.openflow.switch import Switch
 from kernelctl.policy import Policy, PolicyError
 from kernelctl.storage import StoragePlane, StorageRequestError
 from vdev import control
@@ -115,8 +119,12 @@ Handler = Callable[["Caller", Any], tuple[object, list[int]]]
 
 
 class Daemon:
-    def __init__(self, topo: Topology, policy: Policy, spin: float | None = None) -> None:
+    def __init__(
+        self, topo: Topology, policy: Policy, spin: float | None = None, openflow_tls: int | None = None
+    ) -> None:
         self.topo = topo
+        self.openflow_tls = openflow_tls  # a TCP port on 127.0.0.1 for TLS controllers (0: any free one)
+        self.openflow: OpenFlowChannel | None = None
         self.policy = policy
         self.spin = spin
         self.selector = selectors.DefaultSelector()
@@ -178,8 +186,49 @@ class Daemon:
         listener.setblocking(False)
         self.listener = listener
         self.selector.register(listener, selectors.EVENT_READ, "listener")
+        self._start_openflow()
         topo.pid_file.write_text(f"{os.getpid()}\n")
         log.info("kernelctl up: %s (pid %d)", path, os.getpid())
+
+    def _start_openflow(self) -> None:
+        """The VNIC's filter table as an OpenFlow 1.3 switch (kernelctl/openflow)."""
+        controllers = openflow_access.controllers(self.policy.source)
+        mac = bytes.fromhex(nic_mac(self.topo).replace(":", ""))
+        datapath = VnicDatapath(self._vnic_request, self._vnic_ports, mac, self.topo.tap)
+        switch = Switch(
+            datapath,
+            int.from_bytes(mac, "big"),
+            {
+                "mfr": "Arrakis on Linux",
+                "hw": "VNIC device model (vdev.vnic)",
+                "sw": "kernelctl",
+                "serial": self.topo.tag or "default",
+                "dp": f"VNIC on {self.topo.tap} of instance {self.topo.tag or 'default'}",
+            },
+        )
+        channel = OpenFlowChannel(switch, self.selector, lambda uid: uid == 0 or uid in controllers)
+        channel.listen_unix(self.topo.run_dir / "openflow.sock")
+        if self.openflow_tls is not None:
+            from kernelctl.openflow import tls
+
+            context = tls.server_context(self.topo.run_dir / "openflow-tls")
+            port = channel.listen_tls(self.openflow_tls, context)
+            (self.topo.run_dir / "openflow-tls" / "port").write_text(f"{port}\n")
+            log.info("openflow: TLS on 127.0.0.1:%d", port)
+        self.openflow = channel
+
+    def _vnic_request(self, body: control.Record) -> Any:
+        host = self.hosts.get("vnic")
+        if host is None:
+            raise HostError("no VNIC device host")
+        return host.request(body, [], self._on_function_closed)
+
+    def _vnic_ports(self) -> list[FunctionPort]:
+        return [
+            FunctionPort(record.function_id, record.name, record.created)
+            for record in self.functions.values()
+            if record.device == "vnic"
+        ]
 
     @property
     def host(self) -> DeviceHostProcess | None:
@@ -200,7 +249,8 @@ class Daemon:
     def run(self) -> None:
         while self.running:
             served: set[int] = set()
-            for key, mask in self.selector.select(timeout=0.5):
+            busy = self.openflow is not None and self.openflow.busy()
+            for key, mask in self.selector.select(timeout=0 if busy else 0.5):
                 # Nothing a caller or a device host does may end this loop: a failure is
                 # logged, and the caller it concerns (if any) got an error reply.
                 try:
@@ -214,6 +264,8 @@ class Daemon:
                             mask &= ~selectors.EVENT_READ
                         if self._on_caller(caller, mask):
                             served.add(caller.uid)
+                    elif callable(key.data):
+                        key.data(mask)  # an OpenFlow listener or controller session
                     elif key.data in self.hosts:
                         self._on_host_events(key.data)
                 except Exception:
@@ -221,11 +273,16 @@ class Daemon:
             try:
                 self._check_hosts()
                 self._check_deadlines()
+                if self.openflow is not None:
+                    self.openflow.tick(time.monotonic())
             except Exception:
                 log.exception("control loop")
 
     def stop(self) -> None:
         self.running = False
+        if self.openflow is not None:
+            self.openflow.close()
+            self.openflow = None
         for caller in list(self.callers.values()):
             self._drop_caller(caller)
         for host in self.hosts.values():
@@ -688,6 +745,13 @@ class Daemon:
             "tc_missing": self.tc_missing,
             "storage": self.storage.status(),
             "storage_device": storage_device,
+            "openflow": None if self.openflow is None else {
+                "socket": str(self.topo.run_dir / "openflow.sock"),
+                "controllers": len(self.openflow.sessions),
+                "refused": self.openflow.refused,
+                "counters": dict(self.openflow.switch.counters),
+                "flows": self.openflow.switch.status(time.monotonic()),
+            },
         }
 
 
@@ -696,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance", default="")
     parser.add_argument("--policy", type=Path, default=None)
     parser.add_argument("--spin", type=float, default=None, help="device host polling window, seconds")
+    parser.add_argument("--openflow-tls", type=int, default=None, help="TLS OpenFlow listener port on 127.0.0.1 (0: any)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernelctl[%(process)d] %(message)s")
     if os.geteuid() != 0:
@@ -706,7 +771,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PolicyError, OSError) as exc:
         print(f"kernelctl: policy: {exc}", file=sys.stderr)
         return 1
-    daemon = Daemon(topology_names(args.instance), policy, spin=args.spin)
+    try:
+        openflow_access.controllers(policy.source)
+    except openflow_access.OpenFlowConfigError as exc:
+        print(f"kernelctl: policy: {exc}", file=sys.stderr)
+        return 1
+    daemon = Daemon(topology_names(args.instance), policy, spin=args.spin, openflow_tls=args.openflow_tls)
 
     def on_signal(_signum: int, _frame: object) -> None:
         daemon.running = False

@@ -412,7 +412,9 @@ class MultipartRequest(Message):
         ):
             _empty(reader)
         elif mp_type == MultipartType.TABLE_FEATURES:
-            reader.rest()  # a request to change table features; refused by the switch
+            if reader.remaining:
+                # A body asks to reconfigure the tables (7.3.5.18): OFPTFFC_EPERM.
+                raise OFPError(ErrorType.TABLE_FEATURES_FAILED, 5, "the tables cannot be reconfigured")
         elif mp_type == MultipartType.GROUP:
             reader.rest()
         else:
@@ -451,10 +453,21 @@ class GetConfigReply(Message):
     def body(self) -> bytes:
         return _SWITCH_CONFIG.pack(self.flags, self.miss_send_len)
 
+    @classmethod
+    def parse(cls, xid: int, reader: Reader) -> GetConfigReply:
+        flags, miss_send_len = reader.unpack(_SWITCH_CONFIG, "switch config")
+        _empty(reader)
+        return cls(xid, flags, miss_send_len)
+
 
 @dataclass(frozen=True)
 class BarrierReply(Message):
     TYPE = MsgType.BARRIER_REPLY
+
+    @classmethod
+    def parse(cls, xid: int, reader: Reader) -> BarrierReply:
+        _empty(reader)
+        return cls(xid)
 
 
 @dataclass(frozen=True)
@@ -662,6 +675,45 @@ class MeterConfig:
         return _METER_CONFIG.pack(_METER_CONFIG.size + len(bands), self.flags, self.meter_id) + bands
 
 
+_TABLE_FEATURES: Final = struct.Struct("!HB5x32sQQII")
+_PROP: Final = struct.Struct("!HH")
+# 7.3.5.18.2: table feature property types (the non-experimenter ones).
+PROP_INSTRUCTIONS, PROP_INSTRUCTIONS_MISS = 0, 1
+PROP_NEXT_TABLES, PROP_NEXT_TABLES_MISS = 2, 3
+PROP_WRITE_ACTIONS, PROP_WRITE_ACTIONS_MISS = 4, 5
+PROP_APPLY_ACTIONS, PROP_APPLY_ACTIONS_MISS = 6, 7
+PROP_MATCH, PROP_WILDCARDS = 8, 10
+PROP_WRITE_SETFIELD, PROP_WRITE_SETFIELD_MISS = 12, 13
+PROP_APPLY_SETFIELD, PROP_APPLY_SETFIELD_MISS = 14, 15
+
+
+def _prop(kind: int, body: bytes) -> bytes:
+    length = _PROP.size + len(body)
+    return _PROP.pack(kind, length) + body + bytes(pad8(length))
+
+
+def table_features_body(
+    table_id: int, name: str, max_entries: int, instructions: list[int], actions: list[int], oxm_headers: list[int]
+) -> bytes:
+    """7.3.5.18 ``ofp_table_features``: what one table can do. Instruction and action ids
+    are 4 bytes (type, length 4), OXM ids their 32-bit headers."""
+    instruction_ids = b"".join(struct.pack("!HH", kind, 4) for kind in instructions)
+    action_ids = b"".join(struct.pack("!HH", kind, 4) for kind in actions)
+    oxm_ids = b"".join(struct.pack("!I", header) for header in oxm_headers)
+    props = b"".join([
+        _prop(PROP_INSTRUCTIONS, instruction_ids), _prop(PROP_INSTRUCTIONS_MISS, instruction_ids),
+        _prop(PROP_NEXT_TABLES, b""), _prop(PROP_NEXT_TABLES_MISS, b""),
+        _prop(PROP_WRITE_ACTIONS, action_ids), _prop(PROP_WRITE_ACTIONS_MISS, action_ids),
+        _prop(PROP_APPLY_ACTIONS, action_ids), _prop(PROP_APPLY_ACTIONS_MISS, action_ids),
+        _prop(PROP_MATCH, oxm_ids), _prop(PROP_WILDCARDS, oxm_ids),
+        _prop(PROP_WRITE_SETFIELD, b""), _prop(PROP_WRITE_SETFIELD_MISS, b""),
+        _prop(PROP_APPLY_SETFIELD, b""), _prop(PROP_APPLY_SETFIELD_MISS, b""),
+    ])
+    return _TABLE_FEATURES.pack(
+        _TABLE_FEATURES.size + len(props), table_id, _cstring(name, 32), 0, 0, 0, max_entries
+    ) + props
+
+
 def desc_body(mfr: str, hw: str, sw: str, serial: str, dp: str) -> bytes:
     """7.3.5.1 ``ofp_desc``: four 256-byte strings and a 32-byte serial number."""
     return (_cstring(mfr, _DESC_STRING) + _cstring(hw, _DESC_STRING) + _cstring(sw, _DESC_STRING)
@@ -731,6 +783,8 @@ _PARSERS: Final[dict[int, Callable[[int, Reader], Message]]] = {
     MsgType.MULTIPART_REQUEST: MultipartRequest.parse,
     MsgType.MULTIPART_REPLY: MultipartReply.parse,
     MsgType.BARRIER_REQUEST: BarrierRequest.parse,
+    MsgType.BARRIER_REPLY: BarrierReply.parse,
+    MsgType.GET_CONFIG_REPLY: GetConfigReply.parse,
     MsgType.METER_MOD: MeterMod.parse,
 }
 

@@ -1,0 +1,219 @@
+"""OpenFlow 1.3 end to end, as root: Open vSwitch's own ``ovs-ofctl`` against kernelctl's
+channel (``unix:/run/arrakis/<instance>/openflow.sock``), real traffic from the instance's
+client namespace, and hostile controllers. Each test has its own kernelctl instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kernelctl.names import Topology
+from kernelctl.openflow.messages import FeaturesRequest, Hello
+from tests.conftest import kernelctl
+from tests.helpers import echo_app
+
+pytestmark = pytest.mark.root
+
+WIRE = 65279  # kernelctl.openflow.switch.WIRE_PORT
+
+
+def ofctl(topo: Topology, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    if shutil.which("ovs-ofctl") is None:
+        pytest.fail("ovs-ofctl is missing: tools/run setup installs openvswitch-common")
+    sock = f"unix:{topo.run_dir / 'openflow.sock'}"
+    options = [arg for arg in args if arg.startswith("--")]
+    command, *rest = [arg for arg in args if not arg.startswith("--")]
+    result = subprocess.run(
+        ["ovs-ofctl", "-O", "OpenFlow13", *options, command, sock, *rest], capture_output=True, text=True, timeout=60
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"ovs-ofctl {' '.join(args)}: {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def status(topo: Topology) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads(kernelctl(topo.tag, "status", "-j").stdout)
+    return loaded
+
+
+def ping(topo: Topology, count: int = 3) -> int:
+    """Replies received by ``count`` pings from the client namespace to the VNIC."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", topo.client_netns, "ping", "-c", str(count), "-i", "0.2", "-W", "1", topo.vnic_ip],
+        capture_output=True, text=True, timeout=60,
+    )
+    found = re.search(r"(\d+) received", result.stdout)
+    return int(found.group(1)) if found else 0
+
+
+def flows(topo: Topology) -> list[dict[str, str]]:
+    """``dump-flows`` parsed into one dict per flow (key=value words; the match and actions)."""
+    parsed = []
+    for line in ofctl(topo, "dump-flows").stdout.splitlines()[1:]:
+        entry: dict[str, str] = {}
+        words = line.strip().replace(", ", " ").split(" ")
+        for word in words:
+            if word.startswith("actions="):
+                entry["actions"] = word[len("actions="):]
+            elif "=" in word and "," not in word:
+                key, _, value = word.partition("=")
+                entry[key] = value
+            elif word:
+                entry["match"] = word
+        parsed.append(entry)
+    return parsed
+
+
+def udp_to(topo: Topology, port: int, count: int) -> None:
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for i in range({count}): s.sendto(b'x' * 32, ({topo.vnic_ip!r}, {port}))\n"
+    )
+    subprocess.run(["ip", "netns", "exec", topo.client_netns, "python3", "-c", code], check=True, timeout=60)
+
+
+def test_ovs_ofctl_sees_the_vnic_and_cannot_touch_claimed_flows(instance: Topology) -> None:
+    with echo_app("vnic", instance.tag, 7):
+        shown = ofctl(instance, "show").stdout
+        assert "n_tables:2" in shown
+        assert re.search(r"\b1\(", shown), shown  # the echo app's function is port 1
+        assert f"{WIRE}({instance.tap})" in shown and "LOCAL(local)" in shown
+        dumped = flows(instance)
+        claimed = [f for f in dumped if f.get("table") == "0" and "tp_dst=7" in f.get("match", "")]
+        assert len(claimed) == 1 and claimed[0]["cookie"] == "0x1" and claimed[0]["actions"] == "output:1"
+        assert claimed[0]["match"].startswith("priority=65535,udp")
+        transmit = [f for f in dumped if f.get("table") == "1"]
+        assert len(transmit) == 1 and "tp_src=7" in transmit[0]["match"] and "in_port=1" in transmit[0]["match"]
+        tables = ofctl(instance, "dump-tables").stdout
+        # Table 0: the claimed port; table 1: its transmit filter.
+        # (ovs-ofctl prints "ditto" for a table whose counters equal the previous one's.)
+        assert re.search(r"table 0:\s+active=1,", tables) and re.search(r"table 1:( ditto|\s+active=1,)", tables), tables
+        ports = ofctl(instance, "dump-ports").stdout
+        assert "3 ports" in ports
+
+        # The control plane's flows are protected: deleting or overriding them is EPERM.
+        refused = ofctl(instance, "del-flows", "udp,tp_dst=7", check=False)
+        assert refused.returncode != 0 and "OFPFMFC_EPERM" in refused.stderr
+        refused = ofctl(instance, "--strict", "del-flows", "priority=65535,udp,nw_dst=%s,tp_dst=7" % instance.vnic_ip, check=False)
+        assert refused.returncode != 0 and "OFPFMFC_EPERM" in refused.stderr
+        refused = ofctl(instance, "add-flow", "priority=65535,udp,tp_dst=7,actions=drop", check=False)
+        assert refused.returncode != 0 and "OFPFMFC_EPERM" in refused.stderr
+        refused = ofctl(instance, "add-flow", "table=1,priority=5,udp,actions=drop", check=False)
+        assert refused.returncode != 0 and "OFPFMFC_EPERM" in refused.stderr
+        refused = ofctl(instance, "add-flow", "priority=5,udp,actions=output:77", check=False)
+        assert refused.returncode != 0 and "OFPBAC_BAD_OUT_PORT" in refused.stderr
+        ofctl(instance, "add-flow", "priority=5,udp,tp_dst=9,actions=drop")
+        ofctl(instance, "del-flows")  # everything: the controller's flows go, the control plane's stay
+        after = flows(instance)
+        assert len(after) == 2 and all(f["cookie"] == "0x1" for f in after)
+
+
+def test_a_drop_flow_stops_a_client_and_counters_match_status(instance: Topology) -> None:
+    with echo_app("vnic", instance.tag, 7):
+        assert ping(instance) >= 2
+        ofctl(instance, "add-flow", f"priority=100,ip,nw_src={instance.client_ip},actions=drop")
+        ofctl(instance, "add-flow", "priority=90,udp,tp_dst=9999,actions=output:1")
+        assert ping(instance, 4) == 0  # the default function never sees the echo requests
+        udp_to(instance, 9999, 5)  # steered to the echo app's function (priority 90 < 100: dropped)
+        ofctl(instance, "del-flows", f"ip,nw_src={instance.client_ip}")
+        udp_to(instance, 9999, 6)  # now steered
+        assert ping(instance) >= 2
+        time.sleep(0.5)
+        dumped = {f["match"]: f for f in flows(instance) if f["cookie"] == "0x0"}
+        steer = dumped["priority=90,udp,tp_dst=9999"]
+        assert int(steer["n_packets"]) == 6, steer
+        # dump-flows and kernelctl status agree, flow by flow.
+        state = status(instance)
+        openflow = state["openflow"]
+        assert isinstance(openflow, dict)
+        device = state["device"]
+        assert isinstance(device, dict)
+        device_flows = {e["id"]: e for e in device["filters"] if e.get("kind") == "flow"}
+        (listed,) = [f for f in openflow["flows"] if f["priority"] == 90]
+        assert device_flows[listed["device_flow"]]["packets"] == int(steer["n_packets"])
+        assert device_flows[listed["device_flow"]]["bytes"] == int(steer["n_bytes"])
+        claimed = [f for f in flows(instance) if f["cookie"] == "0x1" and f["table"] == "0"][0]
+        (filt,) = [e for e in device["filters"] if e.get("kind") == "filter" and e["direction"] == "rx"]
+        assert int(claimed["n_packets"]) == filt["packets"] + filt["drops"]
+        ports = ofctl(instance, "dump-ports", "1").stdout
+        assert re.search(r"rx pkts=(\d+)", ports) and int(re.search(r"rx pkts=(\d+)", ports).group(1)) >= 6  # type: ignore[union-attr]
+        rendered = kernelctl(instance.tag, "status").stdout
+        assert "OpenFlow controller flows" in rendered and "udp" in rendered
+
+
+def test_hostile_controllers_cannot_stall_or_leak(instance: Topology) -> None:
+    path = str(instance.run_dir / "openflow.sock")
+    pid = int(instance.pid_file.read_text())
+    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
+    # A controller that floods requests and never reads a reply.
+    greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    greedy.connect(path)
+    greedy.setblocking(False)
+    request = Hello(1).emit() + FeaturesRequest(2).emit() * 1000
+    pushed = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            pushed += greedy.send(request)
+        except BlockingIOError:
+            break
+    assert pushed > 0
+    # Garbage, lying lengths, truncated headers and abrupt closes, many times over.
+    for index in range(150):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            junk = [b"\x04\x00\x00\x10" + b"\x00" * 4 + bytes(8),  # HELLO then nothing
+                    b"\x04\x05\xff\xff\x00\x00\x00\x01",  # a length that lies
+                    b"\x04\x05\x00\x02",  # shorter than a header
+                    os.urandom(200)][index % 4]
+            sock.sendall(Hello(1).emit() + junk if index % 2 else junk)
+    # The daemon notices every one of them close (each closed socket is one turn's work; at
+    # most MAX_SESSIONS are held at once, so a burst can briefly refuse newcomers), and it
+    # keeps serving others meanwhile: the greedy one is still connected.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        openflow = status(instance)["openflow"]
+        assert isinstance(openflow, dict)
+        if openflow["controllers"] <= 1:
+            break
+        time.sleep(0.2)
+    assert openflow["controllers"] == 1, openflow
+    shown = ofctl(instance, "show").stdout
+    assert "n_tables:2" in shown
+    assert status(instance)["pid"] == pid
+    greedy.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(os.listdir(f"/proc/{pid}/fd")) > fds_before:
+        time.sleep(0.2)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before
+    assert ofctl(instance, "dump-flows").returncode == 0
+
+
+def test_a_uid_the_policy_does_not_name_is_refused(instance: Topology) -> None:
+    path = str(instance.run_dir / "openflow.sock")
+    code = (
+        "import socket, struct\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        f"s.connect({path!r})\n"
+        "s.settimeout(10)\n"
+        "data = s.recv(512)\n"
+        "print(json.dumps(struct.unpack_from('!BBHIHH', data)))\n"
+    )
+    result = subprocess.run(
+        ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups", sys.executable, "-c", "import json\n" + code],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    version, msg_type, _length, _xid, error_type, code_ = json.loads(result.stdout)
+    assert (version, msg_type, error_type, code_) == (4, 1, 0, 1)  # ERROR, HELLO_FAILED, EPERM
+    assert Path(path).exists()
