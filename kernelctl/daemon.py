@@ -274,6 +274,10 @@ class Daemon:
                 self._check_hosts()
                 self._check_deadlines()
                 if self.openflow is not None:
+                    vnic = self.hosts.get("vnic")
+                    if vnic is not None:
+                        for event in vnic.take_packet_ins():
+                            self.openflow.switch.packet_in(event.flow_id, event.total_len, event.data)
                     self.openflow.tick(time.monotonic())
             except Exception:
                 log.exception("control loop")

@@ -217,3 +217,60 @@ def test_a_uid_the_policy_does_not_name_is_refused(instance: Topology) -> None:
     version, msg_type, _length, _xid, error_type, code_ = json.loads(result.stdout)
     assert (version, msg_type, error_type, code_) == (4, 1, 0, 1)  # ERROR, HELLO_FAILED, EPERM
     assert Path(path).exists()
+
+
+def _checksum(data: bytes) -> int:
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, dport: int, payload: bytes) -> bytes:
+    udp = (4000).to_bytes(2, "big") + dport.to_bytes(2, "big") + (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
+    header = bytearray(b"\x45\x00" + (20 + len(udp)).to_bytes(2, "big") + b"\x00\x01\x40\x00\x40\x11\x00\x00"
+                       + socket.inet_aton(src) + socket.inet_aton(dst))
+    header[10:12] = _checksum(bytes(header)).to_bytes(2, "big")
+    return dst_mac + src_mac + b"\x08\x00" + bytes(header) + udp
+
+
+def mac_of(netns: str, ifname: str) -> bytes:
+    text = subprocess.run(["ip", "-n", netns, "-br", "link", "show", ifname], capture_output=True, text=True, check=True).stdout
+    return bytes.fromhex(text.split()[2].replace(":", ""))
+
+
+def test_monitor_packet_out_and_flow_removed(instance: Topology, tmp_path: Path) -> None:
+    sock = f"unix:{instance.run_dir / 'openflow.sock'}"
+    monitor = subprocess.Popen(
+        ["ovs-ofctl", "-O", "OpenFlow13", f"--unixctl={tmp_path / 'monitor.ctl'}", "monitor", sock, "65534"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        # A table-miss flow to the controller (and on to LOCAL, so ping still works).
+        ofctl(instance, "add-flow", "priority=0,actions=CONTROLLER:128,LOCAL")
+        ofctl(instance, "add-flow", "priority=5,udp,tp_dst=4444,idle_timeout=1,send_flow_rem,actions=drop")
+        assert ping(instance, 2) >= 1
+        # PACKET_OUT to the wire: a UDP datagram the client namespace receives.
+        receiver = subprocess.Popen(
+            ["ip", "netns", "exec", instance.client_netns, sys.executable, "-c",
+             "import socket, sys\n"
+             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "s.bind(('0.0.0.0', 4555)); s.settimeout(20)\n"
+             "print('ready', flush=True)\n"
+             "print(s.recv(100).decode(), flush=True)\n"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+        nic_mac = bytes.fromhex(re.search(r"addr:([0-9a-f:]+)", ofctl(instance, "show").stdout).group(1).replace(":", ""))  # type: ignore[union-attr]
+        frame = udp_frame(mac_of(instance.client_netns, instance.bridge), nic_mac, instance.vnic_ip, instance.client_ip, 4555, b"from the controller")
+        ofctl(instance, "packet-out", f"in_port=controller packet={frame.hex()} actions=output:{WIRE}")
+        out, _ = receiver.communicate(timeout=30)
+        assert out.strip() == "from the controller"
+        time.sleep(3)  # the idle flow expires (1 s, checked once a second)
+    finally:
+        monitor.terminate()
+        seen, _ = monitor.communicate(timeout=30)
+    assert re.search(r"OFPT_PACKET_IN .*via no_match", seen), seen
+    assert re.search(rf"icmp,.*nw_src={re.escape(instance.client_ip)},nw_dst={re.escape(instance.vnic_ip)}", seen), seen
+    assert re.search(r"OFPT_FLOW_REMOVED .*priority=5,udp,tp_dst=4444 reason=idle", seen), seen
+    assert "tp_dst=4444" not in ofctl(instance, "dump-flows").stdout

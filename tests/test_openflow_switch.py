@@ -26,6 +26,7 @@ from kernelctl.openflow.messages import (
     MultipartReply,
     MultipartRequest,
     PacketIn,
+    PacketOut,
     PortStatus,
     parse_message,
 )
@@ -43,6 +44,7 @@ class FakeDatapath:
         self.device: dict[int, DeviceFlow] = {}
         self.counts: dict[int, tuple[int, int]] = {}
         self.next_id = 100
+        self.sent: list[tuple[str, bytes, int, int]] = []
         self.claimed = [{"kind": "filter", "id": 1, "direction": "rx", "function": 1, "queue": 0,
                          "match": {"ethertype": 0x800, "ip_proto": 17, "ip": "10.10.0.2", "port": 7},
                          "packets": 5, "bytes": 500, "drops": 1},
@@ -65,6 +67,9 @@ class FakeDatapath:
         self.device[self.next_id] = flow
         self.counts[self.next_id] = (0, 0)
         return self.next_id
+
+    def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None:
+        self.sent.append((target, data, function_id, queue))
 
     def remove_flows(self, flow_ids: list[int]) -> dict[int, dict[str, int]]:
         out = {}
@@ -243,3 +248,20 @@ def test_policy_names_controllers() -> None:
     for bad in ("[openflow]\ncontrollers = 5\n", "[openflow]\nwho = [1]\n", "openflow = 3\n", "[openflow]\ncontrollers = [true]\n"):
         with pytest.raises(OpenFlowConfigError):
             parse_controllers(bad)
+
+
+def test_packet_out_goes_where_the_actions_say() -> None:
+    switch, datapath, conn = setup()
+    frame = bytes(60)
+    switch.handle(conn, PacketOut(1, in_port=c.Port.CONTROLLER, actions=(Output(WIRE_PORT), SetQueue(2), Output(1), Output(c.Port.TABLE)), data=frame), 0.0)
+    assert errors(conn) == []
+    assert datapath.sent == [("wire", frame, 0, 0), ("function", frame, 1, 2), ("table", frame, 0, 0)]
+    for message, expected in (
+        (PacketOut(2, actions=(Output(77),), data=frame), (c.ErrorType.BAD_ACTION, c.BadAction.BAD_OUT_PORT)),
+        (PacketOut(3, buffer_id=5, actions=(Output(1),), data=frame), (c.ErrorType.BAD_REQUEST, c.BadRequest.BUFFER_UNKNOWN)),
+        (PacketOut(4, actions=(Output(1),), data=b"short"), (c.ErrorType.BAD_REQUEST, c.BadRequest.BAD_PACKET)),
+        (PacketOut(5, in_port=99, actions=(Output(1),), data=frame), (c.ErrorType.BAD_REQUEST, c.BadRequest.BAD_PORT)),
+    ):
+        switch.handle(conn, message, 0.0)
+        assert errors(conn) == [expected]
+    assert len(datapath.sent) == 3

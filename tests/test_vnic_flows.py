@@ -126,7 +126,7 @@ def test_a_flow_with_several_outputs_counts_a_frame_once() -> None:
     flow_id = table.add_flow(5, {}, [(1, 0), (DEFAULT_FUNCTION, 0)], to_controller=True, controller_len=64)
     other = udp_frame(PEER_MAC, FN_MAC, PEER_IP, FN_IP, 5000, OTHER_PORT, b"x")
     deliveries = table.classify_rx_deliveries(other)
-    assert [d.function_id for d in deliveries] == [1, DEFAULT_FUNCTION, CONTROLLER_FUNCTION]
+    assert [d.function_id for d in deliveries] == [CONTROLLER_FUNCTION, 1, DEFAULT_FUNCTION]
     for delivery in deliveries:
         table.record_rx(delivery, len(other), True)
     (entry,) = [e for e in table.stats() if e["kind"] == "flow"]

@@ -685,6 +685,7 @@ FLOW_FIELDS = ("eth_dst", "eth_src", "eth_type", "ip_proto", "ipv4_src", "ipv4_d
 U48 = (1 << 48) - 1
 MAX_FLOW_OUTPUTS = 8
 MAX_FLOW_BATCH = 1024  # flows removed by one request
+MAX_PACKET_IN = 1514  # bytes of a frame a packet-in event or a packet-out carries
 
 
 @dataclass(frozen=True)
@@ -717,6 +718,18 @@ class HostAddFlow(Record):
 class HostRemoveFlows(Record):
     OP = "remove_flows"
     flow_ids: tuple[int, ...] = bounded(min_len=1, max_len=MAX_FLOW_BATCH, high=U32)
+
+
+@dataclass(frozen=True)
+class HostPacketOut(Record):
+    """A frame from the controller: onto the wire, through the receive table as if it came
+    from the wire, to the default function, or into a function's queue."""
+
+    OP = "packet_out"
+    target: str = bounded(choices=("wire", "table", "local", "function"))
+    data: str = bounded(min_len=28, max_len=2 * MAX_PACKET_IN)  # hex; at least an Ethernet header
+    function_id: int = bounded(0, high=U32)
+    queue: int = bounded(0, high=MAX_QUEUES - 1)
 
 
 @dataclass(frozen=True)
@@ -762,6 +775,35 @@ class FunctionClosed:
 
     def to_json(self) -> bytes:
         return encode_json({"event": "function_closed", "function_id": self.function_id})
+
+
+@dataclass(frozen=True)
+class PacketInEvent:
+    """VNIC host -> kernelctl: a controller flow (``flow_id``) sent a frame to the
+    controller; ``data`` is its first bytes, ``total_len`` its length."""
+
+    flow_id: int
+    total_len: int
+    data: bytes
+
+    def to_json(self) -> bytes:
+        return encode_json(
+            {"event": "packet_in", "flow_id": self.flow_id, "total_len": self.total_len, "data": self.data.hex()}
+        )
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> PacketInEvent:
+        flow_id, total_len, data = message.get("flow_id"), message.get("total_len"), message.get("data")
+        if not isinstance(flow_id, int) or isinstance(flow_id, bool) or not 0 <= flow_id <= U32:
+            raise ProtocolError("packet_in without a flow_id")
+        if not isinstance(total_len, int) or isinstance(total_len, bool) or not 0 <= total_len <= 0xFFFF:
+            raise ProtocolError("packet_in without a total_len")
+        if not isinstance(data, str) or len(data) > 2 * MAX_PACKET_IN:
+            raise ProtocolError("packet_in data must be hex of at most a frame")
+        try:
+            return cls(flow_id, total_len, bytes.fromhex(data))
+        except ValueError:
+            raise ProtocolError("packet_in data is not hex") from None
 
 
 class RequestRefused(ProtocolError):
@@ -814,10 +856,12 @@ class Protocol:
             raise RequestRefused(request_id, f"{op}: {exc}") from None
 
 
-def decode_reply(payload: bytes) -> Reply | FunctionClosed:
+def decode_reply(payload: bytes) -> Reply | FunctionClosed | PacketInEvent:
     """A reply or an event (what a requester receives)."""
     message = decode_json(payload)
     if "event" in message:
+        if message.get("event") == "packet_in":
+            return PacketInEvent.from_message(message)
         if message.get("event") != "function_closed":
             raise ProtocolError(f"unknown event {_show(message.get('event'))}")
         function_id = message.get("function_id")
@@ -845,7 +889,7 @@ CONTROL = Protocol(
 _HOST_COMMON: list[type[Record]] = [DestroyFunction, Stats, HostShutdown]
 VNIC_MGMT = Protocol(
     "vnic management",
-    [VnicCreateFunction, HostAddFilter, HostSetRate, HostAddFlow, HostRemoveFlows, *_HOST_COMMON],
+    [VnicCreateFunction, HostAddFilter, HostSetRate, HostAddFlow, HostRemoveFlows, HostPacketOut, *_HOST_COMMON],
 )
 VSIC_MGMT = Protocol("vsic management", [VsicCreateFunction, SetLimits, *_HOST_COMMON])
 

@@ -72,6 +72,9 @@ class VnicDatapath:
             raise DatapathError(f"the device answered add_flow with {result!r}")
         return int(result["flow_id"])
 
+    def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None:
+        self._call(control.HostPacketOut(target, data.hex(), function_id, queue))
+
     def remove_flows(self, flow_ids: list[int]) -> dict[int, dict[str, int]]:
         if not flow_ids:
             return {}

@@ -158,6 +158,8 @@ class Datapath(Protocol):
 
     def wall_clock(self) -> float: ...
 
+    def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None: ...
+
 
 @dataclass(eq=False)
 class ControllerFlow:
@@ -266,7 +268,7 @@ class Switch:
         elif isinstance(message, MeterMod):
             raise OFPError(ErrorType.METER_MOD_FAILED, MeterModFailed.OUT_OF_METERS, "this switch has no meters")
         elif isinstance(message, PacketOut):
-            raise OFPError(ErrorType.BAD_REQUEST, BadRequest.BAD_TYPE, "PACKET_OUT is not supported")
+            self.packet_out(message)
         elif isinstance(message, Experimenter):
             raise OFPError(ErrorType.BAD_REQUEST, BadRequest.BAD_EXPERIMENTER, f"experimenter {message.experimenter:#x}")
         elif isinstance(message, Error):
@@ -581,6 +583,38 @@ class Switch:
             body = data if reason == PacketInReason.ACTION else data[: config.miss_send_len]
             conn.send_async(PacketIn(0, OFP_NO_BUFFER, total_len, reason, CLAIM_TABLE, flow.cookie,
                                      Match.of(in_port=WIRE_PORT), body))
+
+    # ---- PACKET_OUT (7.3.7) ---------------------------------------------------------------------
+
+    def packet_out(self, message: PacketOut) -> None:
+        """Send the controller's frame: to the wire, through table 0 (``OFPP_TABLE``: as if
+        it came from the wire), to ``LOCAL`` or into a function's queue."""
+        if message.buffer_id != OFP_NO_BUFFER:
+            raise OFPError(ErrorType.BAD_REQUEST, BadRequest.BUFFER_UNKNOWN, "this switch buffers no packets")
+        if not 14 <= len(message.data) <= 1514:
+            raise OFPError(ErrorType.BAD_REQUEST, BadRequest.BAD_PACKET, f"a frame of {len(message.data)} bytes")
+        ports = {port.port_no for port in self.datapath.ports()}
+        if message.in_port not in ports and message.in_port not in (Port.CONTROLLER, Port.ANY):
+            raise OFPError(ErrorType.BAD_REQUEST, BadRequest.BAD_PORT, f"in_port {message.in_port:#x}")
+        targets: list[tuple[str, int, int]] = []
+        queue = 0
+        for action in message.actions:
+            if isinstance(action, SetQueue):
+                queue = action.queue_id
+            elif action.port == WIRE_PORT:
+                targets.append(("wire", 0, 0))
+            elif action.port == Port.TABLE:
+                targets.append(("table", 0, 0))
+            elif action.port == Port.LOCAL:
+                targets.append(("local", 0, 0))
+            elif action.port in ports:
+                targets.append(("function", action.port, queue))
+            else:
+                raise OFPError(ErrorType.BAD_ACTION, BadAction.BAD_OUT_PORT, f"output to port {action.port:#x}")
+        if len(targets) > 8:
+            raise OFPError(ErrorType.BAD_ACTION, BadAction.TOO_MANY, "at most 8 outputs")
+        for target, function_id, function_queue in targets:
+            self.datapath.packet_out(target, message.data, function_id, function_queue)
 
     # ---- MULTIPART (7.3.5) -----------------------------------------------------------------------
 

@@ -19,6 +19,10 @@ from vdev.vnic.function import FunctionConfig, VnicFunction
 
 RX_BUDGET = 64  # frames taken from one wire queue per poll
 MAX_PACKET_INS = 256  # frames waiting for the host to pass them to kernelctl
+# Frames per second the device hands to the controller (a token bucket with a burst of
+# MAX_PACKET_INS): a flood of unclaimed traffic under a to-controller flow costs the control
+# plane a bounded amount of work; the rest is counted in packet_ins_dropped.
+PACKET_IN_RATE = 1000.0
 TX_BUDGET = 64  # descriptors taken from one TX ring per poll
 
 
@@ -52,6 +56,8 @@ class VnicDevice:
         self.fast = make_fast_path(RX_BUDGET, TX_BUDGET)  # None: pure Python (ARRAKIS_PURE=1)
         # (flow id, total length, the frame's first bytes) for the controller; bounded.
         self.packet_ins: list[tuple[int, int, bytes]] = []
+        self._packet_in_tokens = float(MAX_PACKET_INS)
+        self._packet_in_time = 0.0
 
     # ---- configuration (from the control plane) -------------------------------------
 
@@ -105,7 +111,7 @@ class VnicDevice:
                 if function_id < 0:
                     # A controller flow's verdict: the controller, or nowhere.
                     if function_id == CONTROLLER_FUNCTION:
-                        self._to_controller(delivery.filter_id, frame)
+                        self._to_controller(delivery.filter_id, frame, now)
                     else:
                         counters.flow_dropped += 1
                     record(delivery, length, True)
@@ -125,13 +131,17 @@ class VnicDevice:
                     record(delivery, length, False)
         return len(frames)
 
-    def _to_controller(self, flow_id: int, frame: bytes) -> None:
+    def _to_controller(self, flow_id: int, frame: bytes, now: float) -> None:
         flow = self.filters.flows.flows.get(flow_id)
         if flow is None:
             return
-        if len(self.packet_ins) >= MAX_PACKET_INS:
+        elapsed = max(0.0, now - self._packet_in_time)
+        self._packet_in_time = now
+        self._packet_in_tokens = min(float(MAX_PACKET_INS), self._packet_in_tokens + elapsed * PACKET_IN_RATE)
+        if len(self.packet_ins) >= MAX_PACKET_INS or self._packet_in_tokens < 1.0:
             self.counters.packet_ins_dropped += 1
             return
+        self._packet_in_tokens -= 1.0
         self.counters.packet_ins += 1
         self.packet_ins.append((flow_id, len(frame), bytes(frame[: flow.controller_len])))
 
@@ -174,6 +184,11 @@ class VnicDevice:
         permitted = verdict != TX_REFUSED
         self.filters.record_tx(function_id, verdict, len(frame), permitted)
         return permitted
+
+    def raise_irqs_of(self, function_id: int) -> None:
+        function = self.functions.get(function_id)
+        if function is not None:
+            function.raise_irqs()
 
     def raise_irqs(self) -> None:
         if self._irq_pending:

@@ -397,7 +397,8 @@ class FilterTable:
         self._next_id += 1
         deliveries = [Delivery(fid, queue, flow_id) for fid, queue in outputs]
         if to_controller:
-            deliveries.append(Delivery(CONTROLLER_FUNCTION, DEFAULT_QUEUE, flow_id))
+            # First, so that it keeps the flow id: the device looks the flow up by it.
+            deliveries.insert(0, Delivery(CONTROLLER_FUNCTION, DEFAULT_QUEUE, flow_id))
         if not deliveries:
             deliveries.append(Delivery(DROP_FUNCTION, DEFAULT_QUEUE, flow_id))
         # The flow's counters count a frame once, however many copies it makes.

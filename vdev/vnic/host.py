@@ -73,7 +73,14 @@ class DeviceHost(DeviceHostBase):
         return self.device.poll_transmit(now)
 
     def _on_wire(self, queue: int, now: float) -> int:
-        return self.device.receive_from_wire(queue, now)
+        received = self.device.receive_from_wire(queue, now)
+        if self.device.packet_ins:
+            # Frames a controller flow sent to the controller: events on the management
+            # channel (bounded by the device's packet-in rate), which kernelctl turns into
+            # OpenFlow PACKET_INs.
+            for flow_id, total_len, data in self.device.take_packet_ins():
+                self._send(control.PacketInEvent(flow_id, total_len, data).to_json())
+        return received
 
     def _device_handlers(self) -> dict[type[control.Record], Callable[[Any, list[int]], object]]:
         return {
@@ -82,6 +89,7 @@ class DeviceHost(DeviceHostBase):
             control.HostSetRate: self._set_rate,
             control.HostAddFlow: self._add_flow,
             control.HostRemoveFlows: self._remove_flows,
+            control.HostPacketOut: self._packet_out,
         }
 
     def _function(self, function_id: int) -> VnicFunction:
@@ -117,6 +125,23 @@ class DeviceHost(DeviceHostBase):
             except UnknownFilter:
                 continue
         return {"removed": removed}
+
+    def _packet_out(self, body: control.HostPacketOut, fds: list[int]) -> object:
+        frame = bytes.fromhex(body.data)  # ValueError for anything but hex: an error reply
+        now = time.monotonic()
+        device = self.device
+        if body.target == "wire":
+            device.send_to_wire(frame)
+        elif body.target == "table":
+            device.receive_from_wire(0, now, [frame])
+        elif body.target == "local":
+            for reply in device.default.handle(frame, now):
+                device.send_to_wire(reply)
+        else:
+            if not self._function(body.function_id).deliver(body.queue, frame, now):
+                raise ValueError(f"function {body.function_id} queue {body.queue} did not take the frame")
+            device.raise_irqs_of(body.function_id)
+        return None
 
     def _set_rate(self, body: control.HostSetRate, fds: list[int]) -> object:
         self._function(body.function_id).set_rates(body.rx_bps, body.tx_bps, time.monotonic())
