@@ -42,6 +42,8 @@ def make_certificates(directory: Path) -> None:
                  "-subj", f"/CN=arrakis OpenFlow {name}", cwd=directory)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.pem", "-days", _DAYS, "-extfile", f"{name}.ext", cwd=directory)
+    for leftover in ("server.csr", "server.ext", "controller.csr", "controller.ext", "ca.srl"):
+        (directory / leftover).unlink(missing_ok=True)
     for path in directory.iterdir():
         os.chmod(path, 0o600)
 
