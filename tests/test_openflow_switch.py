@@ -22,6 +22,8 @@ from kernelctl.openflow.messages import (
     FlowStats,
     FlowStatsRequest,
     Hello,
+    MeterBand,
+    MeterMod,
     Message,
     MultipartReply,
     MultipartRequest,
@@ -45,6 +47,7 @@ class FakeDatapath:
         self.counts: dict[int, tuple[int, int]] = {}
         self.next_id = 100
         self.sent: list[tuple[str, bytes, int, int]] = []
+        self.meters: dict[int, tuple[int, int]] = {}
         self.claimed = [{"kind": "filter", "id": 1, "direction": "rx", "function": 1, "queue": 0,
                          "match": {"ethertype": 0x800, "ip_proto": 17, "ip": "10.10.0.2", "port": 7},
                          "packets": 5, "bytes": 500, "drops": 1},
@@ -70,6 +73,11 @@ class FakeDatapath:
 
     def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None:
         self.sent.append((target, data, function_id, queue))
+
+    def set_meter(self, meter_id: int, rate_kbps: int, burst_kb: int) -> None:
+        self.meters[meter_id] = (rate_kbps, burst_kb)
+        if not rate_kbps:
+            del self.meters[meter_id]
 
     def remove_flows(self, flow_ids: list[int]) -> dict[int, dict[str, int]]:
         out = {}
@@ -265,3 +273,28 @@ def test_packet_out_goes_where_the_actions_say() -> None:
         switch.handle(conn, message, 0.0)
         assert errors(conn) == [expected]
     assert len(datapath.sent) == 3
+
+
+def test_meters() -> None:
+    switch, datapath, conn = setup()
+    kbps = c.MeterFlags.KBPS
+    switch.handle(conn, MeterMod(1, c.MeterModCommand.ADD, kbps, 1, (MeterBand(c.MeterBandType.DROP, 800),)), 0.0)
+    switch.handle(conn, FlowMod(2, priority=5, match=DROP_CLIENT, instructions=(Meter(1), ApplyActions((Output(1),)))), 0.0)
+    assert errors(conn) == [] and datapath.meters == {1: (800, 0)}
+    (device_flow,) = datapath.device.values()
+    assert device_flow.meter == 1 and device_flow.outputs == ((1, 0),)
+    for message, expected in (
+        (MeterMod(3, c.MeterModCommand.ADD, kbps, 1, (MeterBand(1, 5),)), c.MeterModFailed.METER_EXISTS),
+        (MeterMod(4, c.MeterModCommand.ADD, c.MeterFlags.PKTPS, 2, (MeterBand(1, 5),)), c.MeterModFailed.BAD_FLAGS),
+        (MeterMod(5, c.MeterModCommand.ADD, kbps, 2, (MeterBand(2, 5),)), c.MeterModFailed.BAD_BAND),
+        (MeterMod(6, c.MeterModCommand.ADD, kbps, 2, (MeterBand(1, 0),)), c.MeterModFailed.BAD_RATE),
+        (MeterMod(7, c.MeterModCommand.MODIFY, kbps, 9, (MeterBand(1, 5),)), c.MeterModFailed.UNKNOWN_METER),
+        (MeterMod(8, c.MeterModCommand.ADD, kbps, 0, (MeterBand(1, 5),)), c.MeterModFailed.INVALID_METER),
+    ):
+        switch.handle(conn, message, 0.0)
+        assert errors(conn) == [(c.ErrorType.METER_MOD_FAILED, expected)], message
+    switch.handle(conn, MeterMod(9, c.MeterModCommand.MODIFY, kbps | c.MeterFlags.BURST, 1, (MeterBand(1, 1600, 100),)), 0.0)
+    assert datapath.meters == {1: (1600, 100)}
+    # Deleting the meter removes the flows that use it.
+    switch.handle(conn, MeterMod(10, c.MeterModCommand.DELETE, 0, c.OFPM_ALL), 0.0)
+    assert errors(conn) == [] and datapath.meters == {} and switch.flows == [] and datapath.device == {}

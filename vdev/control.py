@@ -721,6 +721,16 @@ class HostRemoveFlows(Record):
 
 
 @dataclass(frozen=True)
+class HostSetMeter(Record):
+    """A controller's meter in the VNIC: a drop band of ``rate_kbps`` (0: remove the meter)."""
+
+    OP = "set_meter"
+    meter_id: int = bounded(low=1, high=U32)
+    rate_kbps: int = bounded(high=MAX_RATE_BPS // 1000)
+    burst_kb: int = bounded(0, high=U32)
+
+
+@dataclass(frozen=True)
 class HostPacketOut(Record):
     """A frame from the controller: onto the wire, through the receive table as if it came
     from the wire, to the default function, or into a function's queue."""
@@ -889,7 +899,8 @@ CONTROL = Protocol(
 _HOST_COMMON: list[type[Record]] = [DestroyFunction, Stats, HostShutdown]
 VNIC_MGMT = Protocol(
     "vnic management",
-    [VnicCreateFunction, HostAddFilter, HostSetRate, HostAddFlow, HostRemoveFlows, HostPacketOut, *_HOST_COMMON],
+    [VnicCreateFunction, HostAddFilter, HostSetRate, HostAddFlow, HostRemoveFlows, HostPacketOut, HostSetMeter,
+     *_HOST_COMMON],
 )
 VSIC_MGMT = Protocol("vsic management", [VsicCreateFunction, SetLimits, *_HOST_COMMON])
 

@@ -299,7 +299,7 @@ class FlowRemovedReason(IntEnum):
     IDLE_TIMEOUT = 0
     HARD_TIMEOUT = 1
     DELETE = 2
-    GROUP_DELETE = 3
+    GROUP_DELETE = 3  # (METER_DELETE, 4, is OpenFlow 1.4)
 
 
 class PortReason(IntEnum):

@@ -66,6 +66,7 @@ class VnicDatapath:
                 outputs=tuple(control.FlowOutput(function_id, queue) for function_id, queue in flow.outputs),
                 to_controller=flow.to_controller,
                 controller_len=flow.controller_len,
+                meter=flow.meter,
             )
         )
         if not isinstance(result, dict) or not isinstance(result.get("flow_id"), int):
@@ -74,6 +75,9 @@ class VnicDatapath:
 
     def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None:
         self._call(control.HostPacketOut(target, data.hex(), function_id, queue))
+
+    def set_meter(self, meter_id: int, rate_kbps: int, burst_kb: int) -> None:
+        self._call(control.HostSetMeter(meter_id, rate_kbps, burst_kb))
 
     def remove_flows(self, flow_ids: list[int]) -> dict[int, dict[str, int]]:
         if not flow_ids:

@@ -42,7 +42,12 @@ from kernelctl.openflow.actions import (
 from kernelctl.openflow.connection import OpenFlowConnection
 from kernelctl.openflow.constants import (
     FLOW_MOD_FLAGS_ALL,
+    OFPM_ALL,
+    OFPM_MAX,
     ActionType,
+    MeterBandType,
+    MeterFlags,
+    MeterModCommand,
     InstructionType,
     OFP_NO_BUFFER,
     OFPTT_ALL,
@@ -79,7 +84,10 @@ from kernelctl.openflow.messages import (
     GetConfigReply,
     GetConfigRequest,
     Message,
+    MeterBand,
+    MeterConfig,
     MeterMod,
+    MeterStats,
     MultipartRequest,
     PacketIn,
     PacketOut,
@@ -108,6 +116,7 @@ CLAIM_TABLE: Final = 0
 TRANSMIT_TABLE: Final = 1
 N_TABLES: Final = 2
 MAX_CONTROLLER_FLOWS: Final = 16000  # the device holds 16384 (vdev.vnic.flows.MAX_FLOWS)
+MAX_METERS: Final = 64  # as the device (vdev.vnic.device.MAX_METERS)
 _PORT_SPEED_KBPS: Final = 10_000_000  # what we report: a 10 Gbit/s copper port
 _DEVICE_FIELDS: Final = {
     "eth_dst": "eth_dst", "eth_src": "eth_src", "eth_type": "eth_type", "ip_proto": "ip_proto",
@@ -139,6 +148,7 @@ class DeviceFlow:
     outputs: tuple[tuple[int, int], ...]  # (function id, queue); function 0 is LOCAL
     to_controller: bool
     controller_len: int
+    meter: int = 0
 
 
 class DatapathError(Exception):
@@ -160,6 +170,8 @@ class Datapath(Protocol):
 
     def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None: ...
 
+    def set_meter(self, meter_id: int, rate_kbps: int, burst_kb: int) -> None: ...
+
 
 @dataclass(eq=False)
 class ControllerFlow:
@@ -177,6 +189,13 @@ class ControllerFlow:
     base_bytes: int = 0
     seen_packets: int = -1  # for idle timeouts: the count at last_active
     last_active: float = 0.0
+
+
+@dataclass
+class MeterEntry:
+    flags: int
+    bands: tuple[MeterBand, ...]
+    created: float
 
 
 @dataclass
@@ -214,6 +233,7 @@ class Switch:
         self.datapath_id = datapath_id
         self.description = description
         self.flows: list[ControllerFlow] = []
+        self.meters: dict[int, MeterEntry] = {}
         self.configs: dict[OpenFlowConnection, ConnectionConfig] = {}
         self.connections: list[OpenFlowConnection] = []
         self._known_ports: dict[int, PortInfo] = {}
@@ -266,7 +286,7 @@ class Switch:
         elif isinstance(message, MultipartRequest):
             self.multipart(conn, message, now)
         elif isinstance(message, MeterMod):
-            raise OFPError(ErrorType.METER_MOD_FAILED, MeterModFailed.OUT_OF_METERS, "this switch has no meters")
+            self.meter_mod(message, now)
         elif isinstance(message, PacketOut):
             self.packet_out(message)
         elif isinstance(message, Experimenter):
@@ -358,6 +378,9 @@ class Switch:
         else:
             self._modify(mod, actions, now, strict=mod.command == FlowModCommand.MODIFY_STRICT)
 
+    def _meter_of(self, instructions: tuple[Instruction, ...]) -> int:
+        return next((item.meter_id for item in instructions if isinstance(item, Meter)), 0)
+
     def _check_instructions(self, instructions: tuple[Instruction, ...]) -> tuple[Output | SetQueue, ...]:
         """The actions the flow's instructions come to (one table, so apply and write are the
         same thing here); what this switch cannot do is refused with the right error."""
@@ -369,17 +392,19 @@ class Switch:
             kinds.add(type(item))
             if isinstance(item, GotoTable):
                 raise OFPError(ErrorType.BAD_INSTRUCTION, BadInstruction.UNSUP_INST, "goto-table: table 0 is the only one a controller programs")
-            if isinstance(item, Meter):
-                raise OFPError(ErrorType.METER_MOD_FAILED, MeterModFailed.UNKNOWN_METER, f"meter {item.meter_id}: this switch has no meters")
+            if isinstance(item, Meter) and item.meter_id not in self.meters:
+                raise OFPError(ErrorType.METER_MOD_FAILED, MeterModFailed.UNKNOWN_METER, f"no meter {item.meter_id}")
             if isinstance(item, (ApplyActions, WriteActions)):
                 if actions:
                     raise OFPError(ErrorType.BAD_INSTRUCTION, BadInstruction.UNSUP_INST, "apply-actions and write-actions together")
                 actions = item.actions
-            elif not isinstance(item, ClearActions):
+            elif not isinstance(item, (ClearActions, Meter)):
                 raise OFPError(ErrorType.BAD_INSTRUCTION, BadInstruction.UNKNOWN_INST, type(item).__name__)
         return actions
 
-    def _device_flow(self, priority: int, match: Match, actions: tuple[Output | SetQueue, ...]) -> DeviceFlow | None:
+    def _device_flow(
+        self, priority: int, match: Match, actions: tuple[Output | SetQueue, ...], meter: int = 0
+    ) -> DeviceFlow | None:
         """The device's form of a controller flow; None when no frame from the wire can match it."""
         ports = {port.port_no for port in self.datapath.ports()}
         queue = 0
@@ -416,7 +441,7 @@ class Switch:
             bits = _FIELD_BITS[item.name]
             mask = (1 << bits) - 1 if item.mask is None else item.mask
             fields.append((_DEVICE_FIELDS[item.name], item.value, mask))
-        return DeviceFlow(priority, tuple(fields), tuple(outputs), to_controller, controller_len)
+        return DeviceFlow(priority, tuple(fields), tuple(outputs), to_controller, controller_len, meter)
 
     def _add(self, mod: FlowMod, actions: tuple[Output | SetQueue, ...], now: float) -> None:
         if mod.priority >= CONTROL_PLANE_PRIORITY:
@@ -428,7 +453,7 @@ class Switch:
                     raise _flow_mod_error(FlowModFailed.OVERLAP, "overlaps a flow of the same priority")
         if existing is None and len(self.flows) >= MAX_CONTROLLER_FLOWS:
             raise _flow_mod_error(FlowModFailed.TABLE_FULL, f"table 0 holds {MAX_CONTROLLER_FLOWS} controller flows")
-        device_flow = self._device_flow(mod.priority, mod.match, actions)
+        device_flow = self._device_flow(mod.priority, mod.match, actions, self._meter_of(mod.instructions))
         flow = ControllerFlow(mod.priority, mod.match, mod.instructions, mod.cookie, mod.idle_timeout,
                               mod.hard_timeout, mod.flags, now, self.datapath.wall_clock(), None, last_active=now)
         if device_flow is not None:
@@ -471,7 +496,7 @@ class Switch:
             old = view.controller
             if old is None:
                 continue
-            device_flow = self._device_flow(old.priority, old.match, actions)
+            device_flow = self._device_flow(old.priority, old.match, actions, self._meter_of(mod.instructions))
             new_id = self.datapath.add_flow(device_flow) if device_flow is not None else None
             final = self._remove_from_device([old]).get(old.device_id or -1, {})
             if mod.flags & FlowModFlags.RESET_COUNTS:
@@ -584,6 +609,64 @@ class Switch:
             conn.send_async(PacketIn(0, OFP_NO_BUFFER, total_len, reason, CLAIM_TABLE, flow.cookie,
                                      Match.of(in_port=WIRE_PORT), body))
 
+    # ---- METER_MOD (7.3.4.4) ---------------------------------------------------------------------
+
+    def meter_mod(self, mod: MeterMod, now: float) -> None:
+        """Meters are token buckets in the device with one drop band, in kilobits per
+        second; a flow's meter instruction puts its frames through one."""
+        def fail(code: MeterModFailed, why: str) -> OFPError:
+            return OFPError(ErrorType.METER_MOD_FAILED, code, why)
+
+        if mod.command == MeterModCommand.DELETE:
+            doomed = list(self.meters) if mod.meter_id == OFPM_ALL else [mod.meter_id]
+            if mod.meter_id != OFPM_ALL and mod.meter_id not in self.meters:
+                return  # deleting a meter that is not there is no error (as for flows)
+            for meter_id in doomed:
+                # 7.3.4.4: the flows that use a deleted meter are removed with it.
+                users = [v for v in self._controller_views({}, now) if v.controller is not None
+                         and self._meter_of(v.controller.instructions) == meter_id]
+                self._remove([(view, FlowRemovedReason.DELETE) for view in users], now)
+                self.datapath.set_meter(meter_id, 0, 0)
+                del self.meters[meter_id]
+            return
+        if mod.command not in (MeterModCommand.ADD, MeterModCommand.MODIFY):
+            raise fail(MeterModFailed.BAD_COMMAND, f"command {mod.command}")
+        if not 1 <= mod.meter_id <= OFPM_MAX:
+            raise fail(MeterModFailed.INVALID_METER, f"meter {mod.meter_id:#x}")
+        if mod.flags & ~(MeterFlags.KBPS | MeterFlags.BURST | MeterFlags.STATS) or not mod.flags & MeterFlags.KBPS:
+            raise fail(MeterModFailed.BAD_FLAGS, "only kbps meters (with burst and stats) are supported")
+        if len(mod.bands) != 1 or mod.bands[0].band_type != MeterBandType.DROP:
+            raise fail(MeterModFailed.BAD_BAND, "one drop band")
+        band = mod.bands[0]
+        if not 0 < band.rate <= 100_000_000:
+            raise fail(MeterModFailed.BAD_RATE, f"rate {band.rate} kbps")
+        burst = band.burst_size if mod.flags & MeterFlags.BURST else 0
+        if mod.command == MeterModCommand.ADD:
+            if mod.meter_id in self.meters:
+                raise fail(MeterModFailed.METER_EXISTS, f"meter {mod.meter_id}")
+            if len(self.meters) >= MAX_METERS:
+                raise fail(MeterModFailed.OUT_OF_METERS, f"at most {MAX_METERS} meters")
+        elif mod.meter_id not in self.meters:
+            raise fail(MeterModFailed.UNKNOWN_METER, f"meter {mod.meter_id}")
+        self.datapath.set_meter(mod.meter_id, band.rate, burst)
+        created = self.meters[mod.meter_id].created if mod.meter_id in self.meters else now
+        self.meters[mod.meter_id] = MeterEntry(mod.flags, mod.bands, created)
+
+    def _meter_entries(self, kind: int, meter_id: int, now: float) -> list[bytes]:
+        chosen = sorted(self.meters) if meter_id == OFPM_ALL else [meter_id] if meter_id in self.meters else []
+        if kind == MultipartType.METER_CONFIG:
+            return [MeterConfig(self.meters[m].flags, m, self.meters[m].bands).emit() for m in chosen]
+        device = {int(e["meter_id"]): e for e in self._stats().get("meters", []) if isinstance(e, dict)}
+        entries = []
+        for meter in chosen:
+            counts = device.get(meter, {})
+            age = max(0.0, now - self.meters[meter].created)
+            entries.append(MeterStats(
+                meter, int(counts.get("flows", 0)), int(counts.get("packets_in", 0)), int(counts.get("bytes_in", 0)),
+                int(age), int(age % 1 * 1e9), ((int(counts.get("band_packets", 0)), int(counts.get("band_bytes", 0))),),
+            ).emit())
+        return entries
+
     # ---- PACKET_OUT (7.3.7) ---------------------------------------------------------------------
 
     def packet_out(self, message: PacketOut) -> None:
@@ -652,7 +735,8 @@ class Switch:
         elif kind == MultipartType.PORT_DESC:
             entries = [self._port_desc(port).emit() for port in self._all_ports()]
         elif kind in (MultipartType.METER, MultipartType.METER_CONFIG):
-            entries = []  # no meters
+            meter_id = request.request
+            entries = self._meter_entries(kind, meter_id if isinstance(meter_id, int) else OFPM_ALL, now)
         elif kind == MultipartType.TABLE_FEATURES:
             headers = [OFPXMC_OPENFLOW_BASIC << 16 | spec.number << 9 | spec.size for spec in OXM_FIELDS]
             instructions: list[int] = [InstructionType.APPLY_ACTIONS, InstructionType.WRITE_ACTIONS, InstructionType.CLEAR_ACTIONS]
@@ -662,7 +746,8 @@ class Switch:
                 table_features_body(TRANSMIT_TABLE, "transmit", 0, [], [], headers),
             ]
         elif kind == MultipartType.METER_FEATURES:
-            entries = [meter_features_body(0, 0, 0, 0)]
+            entries = [meter_features_body(MAX_METERS, 1 << MeterBandType.DROP,
+                                           MeterFlags.KBPS | MeterFlags.BURST | MeterFlags.STATS, 1)]
         else:
             raise OFPError(ErrorType.BAD_REQUEST, BadRequest.BAD_MULTIPART, f"multipart type {kind} is not supported")
         for part in multipart_replies(request.xid, kind, entries):

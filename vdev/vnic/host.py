@@ -90,6 +90,7 @@ class DeviceHost(DeviceHostBase):
             control.HostAddFlow: self._add_flow,
             control.HostRemoveFlows: self._remove_flows,
             control.HostPacketOut: self._packet_out,
+            control.HostSetMeter: self._set_meter,
         }
 
     def _function(self, function_id: int) -> VnicFunction:
@@ -105,7 +106,13 @@ class DeviceHost(DeviceHostBase):
         self.device.filters.add_tx(body.function_id, replace(match, ip=function.config.ipv4))
         return None
 
+    def _set_meter(self, body: control.HostSetMeter, fds: list[int]) -> object:
+        self.device.set_meter(body.meter_id, body.rate_kbps, body.burst_kb, time.monotonic())
+        return None
+
     def _add_flow(self, body: control.HostAddFlow, fds: list[int]) -> object:
+        if body.meter and body.meter not in self.device.meters:
+            raise ValueError(f"no meter {body.meter}")
         fields = {item.name: (item.value, item.mask) for item in body.match}
         if len(fields) != len(body.match):
             raise ValueError("a field appears twice")
