@@ -331,6 +331,9 @@ class Daemon:
                 if record.device == kind:
                     self._reclaim(function_id)
             self._start_host(kind)
+            if kind == "vnic" and self.openflow is not None:
+                # The new device has none of the controller's meters and flows: put them back.
+                self.openflow.switch.reinstall()
 
     # ---- callers -----------------------------------------------------------------------
 

@@ -378,3 +378,31 @@ def test_a_meter_limits_within_five_percent(instance: Topology) -> None:
     burst = rate_kbps * 125 * 0.05  # vdev.vnic.device.METER_WINDOW
     passed_kbps = (bytes_in - dropped_bytes - burst) * 8 / sent["seconds"] / 1000
     assert abs(passed_kbps - rate_kbps) <= 0.05 * rate_kbps, (passed_kbps, offered_kbps, stats)
+
+
+def test_controller_flows_survive_a_device_host_restart(instance: Topology) -> None:
+    ofctl(instance, "add-flow", f"priority=100,ip,nw_src={instance.client_ip},actions=drop")
+    assert ping(instance, 2) == 0
+    before = status(instance)["device"]
+    assert isinstance(before, dict)
+    host_pid = int(subprocess.run(["pgrep", "-f", "--", f"--tap {instance.tap} "], capture_output=True, text=True).stdout.split()[0])
+    os.kill(host_pid, 9)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = subprocess.run(["pgrep", "-f", "--", f"--tap {instance.tap} "], capture_output=True, text=True).stdout.split()
+        if pids and int(pids[0]) != host_pid:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the VNIC device host was not restarted")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        openflow = status(instance)["openflow"]
+        assert isinstance(openflow, dict)
+        if openflow["flows"] and openflow["flows"][0]["device_flow"] is not None:
+            break
+        time.sleep(0.2)
+    assert ping(instance, 2) == 0  # still dropped by the new device
+    assert f"nw_src={instance.client_ip}" in ofctl(instance, "dump-flows").stdout
+    ofctl(instance, "del-flows")
+    assert ping(instance, 3) >= 2

@@ -545,6 +545,28 @@ class Switch:
             finals.update(self.datapath.remove_flows(ids[start:start + 1024]))
         return finals
 
+    def reinstall(self) -> None:
+        """Program a fresh device (its host was restarted) with the meters and flows the
+        controller set up; counts the old device had are lost, and are not pretended."""
+        for flow in self.flows:
+            flow.device_id = None
+        try:
+            for meter_id, meter in self.meters.items():
+                band = meter.bands[0]
+                self.datapath.set_meter(meter_id, band.rate, band.burst_size if meter.flags & MeterFlags.BURST else 0)
+            for flow in self.flows:
+                try:
+                    actions = self._check_instructions(flow.instructions)
+                    device_flow = self._device_flow(flow.priority, flow.match, actions, self._meter_of(flow.instructions))
+                except OFPError:
+                    continue  # e.g. its output port went with the old device: the flow stays, inert
+                if device_flow is not None:
+                    flow.device_id = self.datapath.add_flow(device_flow)
+        except DatapathError:
+            # A new host that does not answer: stop here rather than wait once per flow; the
+            # flows not reinstalled stay listed, inert (device_flow None in kernelctl status).
+            pass
+
     # ---- time: idle and hard timeouts, port changes ---------------------------------------------
 
     def tick(self, now: float) -> None:
