@@ -223,3 +223,41 @@ def test_controller_flows_act_on_both_paths() -> None:
     finally:
         pure.close()
         fast.close()
+
+
+def test_meters_and_packet_ins_are_bounded_in_the_device() -> None:
+    from vdev import control
+    from vdev.vnic.device import MAX_PACKET_INS
+
+    world = World(False)
+    try:
+        device = world.device
+        device.set_meter(1, 80, 0, world.now)  # 80 kbit/s: a 10 kB/s bucket of 1514 bytes
+        device.filters.add_flow(20, {"eth_type": (0x800, 0xFFFF), "ip_proto": (17, 0xFF), "l4_dst": (OTHER_PORT, 0xFFFF)},
+                                [(DEFAULT_FUNCTION, 0)], meter=1)
+        other = udp_frame(PEER_MAC, FN_MAC, PEER_IP, FN_IP, 5000, OTHER_PORT, b"m" * 458)  # 500 bytes
+        device.receive_from_wire(0, world.now, [other] * 10)
+        meter = device.snapshot()["meters"][0]  # type: ignore[index]
+        assert meter["packets_in"] == 10 and meter["band_packets"] == 7  # 1514 bytes of burst: 3 frames
+        device.receive_from_wire(0, world.now + 0.1, [other] * 3)  # 1000 bytes earned in 100 ms: 2 more
+        meter = device.snapshot()["meters"][0]  # type: ignore[index]
+        assert meter["band_packets"] == 8
+        with pytest.raises(KeyError):
+            device.set_meter(9, 0, 0, world.now)
+        # A to-controller flow under a flood: at most MAX_PACKET_INS wait, the rest are counted.
+        device.filters.add_flow(1, {}, [], to_controller=True, controller_len=64)
+        flood = udp_frame(PEER_MAC, FN_MAC, PEER_IP, FN_IP, 5000, 9, b"f")
+        device.receive_from_wire(0, world.now + 0.2, [flood] * (MAX_PACKET_INS + 50))
+        taken = device.take_packet_ins()
+        assert len(taken) == MAX_PACKET_INS and device.counters.packet_ins_dropped == 50
+        assert taken[0][1] == len(flood) and len(taken[0][2]) == min(64, len(flood))
+    finally:
+        world.close()
+    # The event that carries them to kernelctl is checked like any other message.
+    event = control.decode_reply(control.PacketInEvent(7, 60, b"\x01\x02").to_json())
+    assert event == control.PacketInEvent(7, 60, b"\x01\x02")
+    for bad in (b'{"event": "packet_in", "flow_id": -1, "total_len": 1, "data": ""}',
+                b'{"event": "packet_in", "flow_id": 1, "total_len": 1, "data": "zz"}',
+                b'{"event": "packet_in", "flow_id": 1, "total_len": 1, "data": "' + b"00" * 2000 + b'"}'):
+        with pytest.raises(control.ProtocolError):
+            control.decode_reply(bad)
