@@ -298,3 +298,40 @@ def test_meters() -> None:
     # Deleting the meter removes the flows that use it.
     switch.handle(conn, MeterMod(10, c.MeterModCommand.DELETE, 0, c.OFPM_ALL), 0.0)
     assert errors(conn) == [] and datapath.meters == {} and switch.flows == [] and datapath.device == {}
+
+
+def test_mutated_requests_through_the_switch_raise_nothing() -> None:
+    """Twenty thousand mutated requests through a connection and the switch: every one is
+    answered or refused with an OpenFlow error; no other exception escapes (in the daemon
+    it would cost the controller its session)."""
+    import random
+
+    from kernelctl.openflow.messages import FeaturesRequest, GetConfigRequest, SetConfig
+
+    rng = random.Random(11)
+    switch, datapath, conn = setup()
+    switch.handle(conn, MeterMod(1, c.MeterModCommand.ADD, c.MeterFlags.KBPS, 1, (MeterBand(1, 100),)), 0.0)
+    seeds = [
+        FlowMod(1, priority=5, match=DROP_CLIENT, instructions=TO_FN).emit(),
+        FlowMod(1, command=c.FlowModCommand.DELETE, table_id=c.OFPTT_ALL).emit(),
+        FlowMod(1, priority=3, match=Match.of(eth_type=0x800, ip_proto=6, tcp_dst=80), idle_timeout=1,
+                instructions=(Meter(1), ApplyActions((Output(c.Port.CONTROLLER, 100), Output(c.Port.LOCAL))))).emit(),
+        MultipartRequest(1, c.MultipartType.FLOW, 0, FlowStatsRequest()).emit(),
+        MultipartRequest(1, c.MultipartType.PORT_STATS, 0, c.Port.ANY).emit(),
+        MultipartRequest(1, c.MultipartType.METER, 0, c.OFPM_ALL).emit(),
+        MultipartRequest(1, c.MultipartType.TABLE_FEATURES).emit(),
+        PacketOut(1, actions=(Output(WIRE_PORT),), data=bytes(60)).emit(),
+        MeterMod(1, c.MeterModCommand.MODIFY, c.MeterFlags.KBPS, 1, (MeterBand(1, 50),)).emit(),
+        SetConfig(1, 0, 200).emit(), FeaturesRequest(1).emit(), GetConfigRequest(1).emit(),
+    ]
+    for index in range(20_000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(0, 4)):
+            raw[rng.randrange(8, len(raw)) if len(raw) > 8 else 0] = rng.randrange(256)
+        raw[2:4] = len(raw).to_bytes(2, "big")
+        for message in conn.receive_data(bytes(raw)):
+            switch.handle(conn, message, index * 0.01)
+        conn.sent(conn.pending_output)
+        switch.tick(index * 0.01)
+    assert not conn.closing
+    assert switch.counters["refused"] > 0 and switch.counters["flow_mods"] > 0
