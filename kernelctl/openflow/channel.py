@@ -222,14 +222,19 @@ class OpenFlowChannel:
     def _serve_buffered(self, session: Session) -> None:
         """Pipelined requests beyond one turn's share wait in the connection's input; serve
         them once the output has room (called every turn by ``tick`` too)."""
-        if not session.closed and session.conn.has_complete_message() and session.conn.pending_output < READ_PAUSE:
+        if self._ready(session):
             self._take(session, b"")
 
     def busy(self) -> bool:
         """Whether a session has requests waiting in its buffer (the loop must not sleep)."""
-        return any(
-            s.conn.has_complete_message() and s.conn.pending_output < READ_PAUSE and not s.closed
-            for s in self.sessions.values()
+        return any(self._ready(s) for s in self.sessions.values())
+
+    @staticmethod
+    def _ready(session: Session) -> bool:
+        # A closing connection reads nothing more: it must not keep the loop awake.
+        conn = session.conn
+        return (
+            not session.closed and not conn.closing and conn.has_complete_message() and conn.pending_output < READ_PAUSE
         )
 
     def _flush(self, session: Session) -> None:

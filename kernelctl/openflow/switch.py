@@ -245,7 +245,9 @@ class Switch:
     def attach(self, conn: OpenFlowConnection) -> None:
         self.connections.append(conn)
         self.configs[conn] = ConnectionConfig()
-        if not self._known_ports:
+        if len(self.connections) == 1:
+            # Nobody watched the ports while no controller was connected: start from now
+            # (a new controller learns them from PORT_DESC, not from PORT_STATUS).
             self._known_ports = {port.port_no: port for port in self.datapath.ports()}
 
     def detach(self, conn: OpenFlowConnection) -> None:
