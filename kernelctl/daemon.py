@@ -192,9 +192,9 @@ class Daemon:
 
     def _start_openflow(self) -> None:
         """The VNIC's filter table as an OpenFlow 1.3 switch (kernelctl/openflow)."""
-        controllers = openflow_access.controllers(self.policy.source)
+        grants = openflow_access.access(self.policy.source)
         mac = bytes.fromhex(nic_mac(self.topo).replace(":", ""))
-        datapath = VnicDatapath(self._vnic_request, self._vnic_ports, mac, self.topo.tap)
+        datapath = VnicDatapath(self._vnic_request, self._vnic_ports, mac, self.topo.tap, self._revoke_claim)
         switch = Switch(
             datapath,
             int.from_bytes(mac, "big"),
@@ -206,7 +206,7 @@ class Daemon:
                 "dp": f"VNIC on {self.topo.tap} of instance {self.topo.tag or 'default'}",
             },
         )
-        channel = OpenFlowChannel(switch, self.selector, lambda uid: uid == 0 or uid in controllers)
+        channel = OpenFlowChannel(switch, self.selector, grants.may_connect, lambda uid: uid in grants.may_revoke)
         channel.listen_unix(self.topo.run_dir / "openflow.sock")
         if self.openflow_tls is not None:
             from kernelctl.openflow import tls
@@ -222,6 +222,20 @@ class Daemon:
         if host is None:
             raise HostError("no VNIC device host")
         return host.request(body, [], self._on_function_closed)
+
+    def _revoke_claim(self, function_id: int, proto: str, port: int) -> None:
+        """An OpenFlow controller the policy lets revoke claims deleted this one's flow: the
+        function loses the port (its receive and transmit filters, its tc classes)."""
+        record = self.functions.get(function_id)
+        claim = (proto, port)
+        if record is None or claim not in record.claims:
+            raise RequestError(f"function {function_id} holds no claim {proto}/{port}")
+        self._host_request("vnic", control.HostRemoveFilter(function_id, proto, port), [])
+        record.claims.remove(claim)
+        if self.claims.get(claim) == function_id:
+            del self.claims[claim]
+        self._program_rates(record)
+        log.info("openflow: claim %s/%d of function %d revoked by a controller", proto, port, function_id)
 
     def _vnic_ports(self) -> list[FunctionPort]:
         return [
@@ -779,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernelctl: policy: {exc}", file=sys.stderr)
         return 1
     try:
-        openflow_access.controllers(policy.source)
+        openflow_access.access(policy.source)
     except openflow_access.OpenFlowConfigError as exc:
         print(f"kernelctl: policy: {exc}", file=sys.stderr)
         return 1

@@ -406,3 +406,24 @@ def test_controller_flows_survive_a_device_host_restart(instance: Topology) -> N
     assert f"nw_src={instance.client_ip}" in ofctl(instance, "dump-flows").stdout
     ofctl(instance, "del-flows")
     assert ping(instance, 3) >= 2
+
+
+def test_a_policy_grant_lets_a_controller_revoke_a_claim(tmp_path: Path) -> None:
+    require_root()
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[rule]]\nuid = "*"\nports = "*"\nallow = true\n\n[openflow]\nmay_revoke = [0]\n')
+    with running_instance(topology(unique_tag()), "--policy", str(policy)) as topo:
+        with echo_app("vnic", topo.tag, 7):
+            ofctl(topo, "del-flows", "udp,tp_dst=7")  # granted: the echo app loses udp/7
+            assert "tp_dst=7" not in ofctl(topo, "dump-flows").stdout
+            functions = status(topo)["functions"]
+            assert isinstance(functions, list) and functions[0]["claims"] == []
+            probe = subprocess.run(
+                ["ip", "netns", "exec", topo.client_netns, sys.executable, "-c",
+                 "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n"
+                 f"s.connect(({topo.vnic_ip!r}, 7)); s.send(b'hi')\n"
+                 "try:\n  s.recv(10); print('answered')\nexcept ConnectionRefusedError: print('refused')\n"
+                 "except TimeoutError: print('silent')\n"],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert probe.stdout.strip() == "refused"  # the default function: nobody holds udp/7 now

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from kernelctl.openflow import constants as c
-from kernelctl.openflow.access import OpenFlowConfigError, parse_controllers
+from kernelctl.openflow.access import OpenFlowConfigError, parse_access, parse_controllers
 from kernelctl.openflow.actions import ApplyActions, GotoTable, Meter, Output, SetQueue
 from kernelctl.openflow.connection import OpenFlowConnection
 from kernelctl.openflow.messages import (
@@ -48,6 +48,7 @@ class FakeDatapath:
         self.next_id = 100
         self.sent: list[tuple[str, bytes, int, int]] = []
         self.meters: dict[int, tuple[int, int]] = {}
+        self.revoked: list[tuple[int, str, int]] = []
         self.claimed = [{"kind": "filter", "id": 1, "direction": "rx", "function": 1, "queue": 0,
                          "match": {"ethertype": 0x800, "ip_proto": 17, "ip": "10.10.0.2", "port": 7},
                          "packets": 5, "bytes": 500, "drops": 1},
@@ -73,6 +74,10 @@ class FakeDatapath:
 
     def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None:
         self.sent.append((target, data, function_id, queue))
+
+    def revoke_claim(self, function_id: int, proto: str, port: int) -> None:
+        self.revoked.append((function_id, proto, port))
+        self.claimed = []
 
     def set_meter(self, meter_id: int, rate_kbps: int, burst_kb: int) -> None:
         self.meters[meter_id] = (rate_kbps, burst_kb)
@@ -189,6 +194,26 @@ def test_the_control_plane_flows_cannot_be_deleted_or_overridden() -> None:
     assert len(dump(switch, conn)) == 2
 
 
+def test_a_controller_the_policy_grants_may_revoke_a_claim() -> None:
+    switch, datapath, conn = setup()
+    granted = OpenFlowConnection()
+    granted.receive_data(Hello(1).emit())
+    granted.sent(granted.pending_output)
+    switch.attach(granted, may_revoke=True)
+    by_port = FlowMod(1, command=c.FlowModCommand.DELETE, match=Match.of(eth_type=0x800, ip_proto=17, udp_dst=7))
+    switch.handle(conn, by_port, 0.0)
+    assert errors(conn) == [(c.ErrorType.FLOW_MOD_FAILED, c.FlowModFailed.EPERM)] and datapath.revoked == []
+    # Deleting everything never revokes, granted or not.
+    switch.handle(granted, FlowMod(2, command=c.FlowModCommand.DELETE, table_id=c.OFPTT_ALL), 0.0)
+    assert errors(granted) == [] and datapath.revoked == []
+    # The transmit filter (table 1) names the same claim: deleting it revokes the claim.
+    switch.handle(granted, FlowMod(3, command=c.FlowModCommand.DELETE, table_id=1, match=Match.of(in_port=1)), 0.0)
+    assert errors(granted) == [] and datapath.revoked == [(1, "udp", 7)]
+    assert dump(switch, conn) == []
+    switch.detach(granted)
+    assert granted not in switch.revokers
+
+
 def test_refusals_carry_the_right_codes() -> None:
     switch, datapath, conn = setup()
     cases = [
@@ -252,8 +277,11 @@ def test_ports_coming_and_going_and_packet_ins() -> None:
 
 def test_policy_names_controllers() -> None:
     assert parse_controllers("[openflow]\ncontrollers = [1000, 1001]\n") == {1000, 1001}
+    grants = parse_access("[openflow]\nmay_revoke = [0]\n")
+    assert grants.may_revoke == {0} and grants.may_connect(0) and not grants.may_connect(5)
     assert parse_controllers("[[rule]]\nuid = 1\n") == frozenset()
-    for bad in ("[openflow]\ncontrollers = 5\n", "[openflow]\nwho = [1]\n", "openflow = 3\n", "[openflow]\ncontrollers = [true]\n"):
+    for bad in ("[openflow]\ncontrollers = 5\n", "[openflow]\nwho = [1]\n", "openflow = 3\n", "[openflow]\ncontrollers = [true]\n",
+                "[openflow]\nmay_revoke = [-1]\n"):
         with pytest.raises(OpenFlowConfigError):
             parse_controllers(bad)
 

@@ -673,6 +673,16 @@ class HostAddFilter(Record):
 
 
 @dataclass(frozen=True)
+class HostRemoveFilter(Record):
+    """Take a claim back: the function's receive and transmit filters for ``proto``/``port``."""
+
+    OP = "remove_filter"
+    function_id: int = bounded(low=0, high=U32)
+    proto: str = bounded(choices=PROTOCOLS)
+    port: int = bounded(low=1, high=65535)
+
+
+@dataclass(frozen=True)
 class HostSetRate(Record):
     OP = "set_rate"
     function_id: int = bounded(low=0, high=U32)
@@ -899,7 +909,7 @@ CONTROL = Protocol(
 _HOST_COMMON: list[type[Record]] = [DestroyFunction, Stats, HostShutdown]
 VNIC_MGMT = Protocol(
     "vnic management",
-    [VnicCreateFunction, HostAddFilter, HostSetRate, HostAddFlow, HostRemoveFlows, HostPacketOut, HostSetMeter,
+    [VnicCreateFunction, HostAddFilter, HostRemoveFilter, HostSetRate, HostAddFlow, HostRemoveFlows, HostPacketOut, HostSetMeter,
      *_HOST_COMMON],
 )
 VSIC_MGMT = Protocol("vsic management", [VsicCreateFunction, SetLimits, *_HOST_COMMON])

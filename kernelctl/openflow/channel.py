@@ -70,10 +70,17 @@ class Session:
 
 
 class OpenFlowChannel:
-    def __init__(self, switch: Switch, selector: selectors.BaseSelector, may_connect: Callable[[int], bool]) -> None:
+    def __init__(
+        self,
+        switch: Switch,
+        selector: selectors.BaseSelector,
+        may_connect: Callable[[int], bool],
+        may_revoke: Callable[[int], bool] = lambda uid: False,
+    ) -> None:
         self.switch = switch
         self.selector = selector
         self.may_connect = may_connect
+        self.may_revoke = may_revoke
         self.listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self.sessions: dict[int, Session] = {}
         self.refused = 0
@@ -138,7 +145,7 @@ class OpenFlowChannel:
             session.events = selectors.EVENT_READ | (selectors.EVENT_WRITE if session.conn.pending_output else 0)
             self.selector.register(sock, session.events, lambda mask, s=session: self._on_session(s, mask))
             if not session.handshaking:
-                self.switch.attach(session.conn)
+                self.switch.attach(session.conn, self.may_revoke(uid))
                 self._flush(session)
             log.info("openflow: controller connected (%s)", peer)
 
@@ -197,7 +204,7 @@ class OpenFlowChannel:
             self._close(session, f"TLS handshake: {exc}")
             return
         session.handshaking = False
-        self.switch.attach(session.conn)
+        self.switch.attach(session.conn, self.may_revoke(session.uid))
         self._flush(session)
 
     def _read(self, session: Session) -> None:

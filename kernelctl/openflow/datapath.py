@@ -32,8 +32,10 @@ class VnicDatapath:
         functions: Callable[[], list[FunctionPort]],
         mac: bytes,
         wire_name: str,
+        revoke: Callable[[int, str, int], None],
     ) -> None:
         self._request = request
+        self._revoke = revoke
         self._functions = functions
         self.mac = mac
         self.wire_name = wire_name
@@ -75,6 +77,12 @@ class VnicDatapath:
 
     def packet_out(self, target: str, data: bytes, function_id: int = 0, queue: int = 0) -> None:
         self._call(control.HostPacketOut(target, data.hex(), function_id, queue))
+
+    def revoke_claim(self, function_id: int, proto: str, port: int) -> None:
+        try:
+            self._revoke(function_id, proto, port)
+        except Exception as exc:
+            raise DatapathError(str(exc)) from None
 
     def set_meter(self, meter_id: int, rate_kbps: int, burst_kb: int) -> None:
         self._call(control.HostSetMeter(meter_id, rate_kbps, burst_kb))

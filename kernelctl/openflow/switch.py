@@ -172,6 +172,8 @@ class Datapath(Protocol):
 
     def set_meter(self, meter_id: int, rate_kbps: int, burst_kb: int) -> None: ...
 
+    def revoke_claim(self, function_id: int, proto: str, port: int) -> None: ...
+
 
 @dataclass(eq=False)
 class ControllerFlow:
@@ -221,6 +223,7 @@ class FlowView:
     flags: int = 0
     protected: bool = False
     controller: ControllerFlow | None = None
+    claim: tuple[int, str, int] | None = None  # (function, "udp"/"tcp", port) of a protected flow
 
 
 def _ip(text: str) -> int:
@@ -235,6 +238,7 @@ class Switch:
         self.flows: list[ControllerFlow] = []
         self.meters: dict[int, MeterEntry] = {}
         self.configs: dict[OpenFlowConnection, ConnectionConfig] = {}
+        self.revokers: set[OpenFlowConnection] = set()  # connections the policy lets revoke claims
         self.connections: list[OpenFlowConnection] = []
         self._known_ports: dict[int, PortInfo] = {}
         self._next_stats = 0.0
@@ -242,8 +246,10 @@ class Switch:
 
     # ---- connections -------------------------------------------------------------------------
 
-    def attach(self, conn: OpenFlowConnection) -> None:
+    def attach(self, conn: OpenFlowConnection, may_revoke: bool = False) -> None:
         self.connections.append(conn)
+        if may_revoke:
+            self.revokers.add(conn)
         self.configs[conn] = ConnectionConfig()
         if len(self.connections) == 1:
             # Nobody watched the ports while no controller was connected: start from now
@@ -251,6 +257,7 @@ class Switch:
             self._known_ports = {port.port_no: port for port in self.datapath.ports()}
 
     def detach(self, conn: OpenFlowConnection) -> None:
+        self.revokers.discard(conn)
         if conn in self.configs:
             del self.configs[conn]
             self.connections.remove(conn)
@@ -284,7 +291,7 @@ class Switch:
             conn.send(BarrierReply(message.xid))
         elif isinstance(message, FlowMod):
             self.counters["flow_mods"] += 1
-            self.flow_mod(message, now)
+            self.flow_mod(message, now, may_revoke=conn in self.revokers)
         elif isinstance(message, MultipartRequest):
             self.multipart(conn, message, now)
         elif isinstance(message, MeterMod):
@@ -331,10 +338,12 @@ class Switch:
                 queue = int(entry.get("queue", 0))
                 actions = ((SetQueue(queue),) if queue else ()) + (Output(function_id),)
             packets = int(entry.get("packets", 0)) + int(entry.get("drops", 0))
+            port = match_dict.get("port")
+            claim = (function_id, "tcp" if proto == 6 else "udp", int(port)) if proto in (6, 17) and port is not None else None
             views.append(FlowView(
                 TRANSMIT_TABLE if transmit else CLAIM_TABLE, CONTROL_PLANE_PRIORITY, match,
                 (ApplyActions(actions),), function_id, packets, int(entry.get("bytes", 0)),
-                max(0.0, now_wall - created.get(function_id, now_wall)), protected=True,
+                max(0.0, now_wall - created.get(function_id, now_wall)), protected=True, claim=claim,
             ))
         return views
 
@@ -360,11 +369,11 @@ class Switch:
 
     # ---- FLOW_MOD (6.4, 7.3.4.1) -----------------------------------------------------------------
 
-    def flow_mod(self, mod: FlowMod, now: float) -> None:
+    def flow_mod(self, mod: FlowMod, now: float, may_revoke: bool = False) -> None:
         if mod.flags & ~FLOW_MOD_FLAGS_ALL:
             raise _flow_mod_error(FlowModFailed.BAD_FLAGS, f"flags {mod.flags:#x}")
         if mod.command in (FlowModCommand.DELETE, FlowModCommand.DELETE_STRICT):
-            self._delete(mod, now, strict=mod.command == FlowModCommand.DELETE_STRICT)
+            self._delete(mod, now, strict=mod.command == FlowModCommand.DELETE_STRICT, may_revoke=may_revoke)
             return
         if mod.command not in (FlowModCommand.ADD, FlowModCommand.MODIFY, FlowModCommand.MODIFY_STRICT):
             raise _flow_mod_error(FlowModFailed.BAD_COMMAND, f"command {mod.command}")
@@ -509,7 +518,7 @@ class Switch:
             old.device_id = new_id
             old.instructions = mod.instructions
 
-    def _delete(self, mod: FlowMod, now: float, strict: bool) -> None:
+    def _delete(self, mod: FlowMod, now: float, strict: bool, may_revoke: bool = False) -> None:
         if mod.table_id not in (CLAIM_TABLE, TRANSMIT_TABLE, OFPTT_ALL):
             raise _flow_mod_error(FlowModFailed.BAD_TABLE_ID, f"table {mod.table_id}")
         stats = self._stats()
@@ -518,8 +527,14 @@ class Switch:
         everything = (
             not strict and mod.table_id == OFPTT_ALL and not mod.match.fields and not mod.cookie_mask and mod.out_port == Port.ANY
         )
-        if not everything and any(view.protected for view in views):
-            raise _flow_mod_error(FlowModFailed.EPERM, "the request selects flows of the control plane (claimed ports, transmit filters)")
+        protected = [view for view in views if view.protected]
+        if not everything and protected:
+            if not may_revoke or any(view.claim is None for view in protected):
+                raise _flow_mod_error(FlowModFailed.EPERM, "the request selects flows of the control plane (claimed ports, transmit filters)")
+            # The policy lets this controller take claims away: each selected claimed flow
+            # (or its transmit filter) costs its function that port, receive and transmit.
+            for claim in sorted({view.claim for view in protected if view.claim is not None}):
+                self.datapath.revoke_claim(*claim)
         doomed = [view for view in views if view.controller is not None]
         self._remove([(view, FlowRemovedReason.DELETE) for view in doomed], now)
 

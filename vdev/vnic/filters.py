@@ -354,6 +354,18 @@ class FilterTable:
         else:
             self._tx_wildcards[rule.function_id].remove(rule)
 
+    def remove_port(self, function_id: int, ip_proto: int, port: int) -> list[int]:
+        """Remove the function's receive and transmit filters for ``ip_proto``/``port`` (a
+        claim taken back); returns their ids."""
+        removed = sorted(
+            filter_id
+            for filter_id, rule in self._rules.items()
+            if rule.function_id == function_id and rule.ip_proto == ip_proto and rule.port == port
+        )
+        for filter_id in removed:
+            self.remove(filter_id)
+        return removed
+
     def remove_function(self, function_id: int) -> list[int]:
         """Tear a function down: its filters, grants and counters. Returns the removed
         filter ids (teardown is rare, so a scan of all filters is fine)."""

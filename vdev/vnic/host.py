@@ -86,6 +86,7 @@ class DeviceHost(DeviceHostBase):
         return {
             control.VnicCreateFunction: self._create_function,
             control.HostAddFilter: self._add_filter,
+            control.HostRemoveFilter: self._remove_filter,
             control.HostSetRate: self._set_rate,
             control.HostAddFlow: self._add_flow,
             control.HostRemoveFlows: self._remove_flows,
@@ -105,6 +106,12 @@ class DeviceHost(DeviceHostBase):
         self.device.filters.add_rx(body.function_id, 0, match)
         self.device.filters.add_tx(body.function_id, replace(match, ip=function.config.ipv4))
         return None
+
+    def _remove_filter(self, body: control.HostRemoveFilter, fds: list[int]) -> object:
+        removed = self.device.filters.remove_port(body.function_id, _PROTOCOLS[body.proto], body.port)
+        if not removed:
+            raise KeyError(f"function {body.function_id} has no filter for {body.proto}/{body.port}")
+        return {"removed": removed}
 
     def _set_meter(self, body: control.HostSetMeter, fds: list[int]) -> object:
         self.device.set_meter(body.meter_id, body.rate_kbps, body.burst_kb, time.monotonic())
