@@ -174,7 +174,7 @@ def test_modify_and_delete_select_like_the_specification() -> None:
     assert errors(conn) == [] and len(switch.flows) == 1
     switch.handle(conn, FlowMod(8, command=c.FlowModCommand.DELETE, table_id=c.OFPTT_ALL, match=narrow,
                                 out_port=c.Port.LOCAL), 0.0)
-    assert switch.flows == [] and datapath.device == {}
+    assert not switch.flows and datapath.device == {}
 
 
 def test_the_control_plane_flows_cannot_be_deleted_or_overridden() -> None:
@@ -254,7 +254,7 @@ def test_timeouts_remove_flows_and_say_so() -> None:
     removed = [m for m in out(conn) if isinstance(m, FlowRemoved)]
     assert [(m.cookie, m.reason) for m in removed] == [(1, c.FlowRemovedReason.HARD_TIMEOUT), (2, c.FlowRemovedReason.IDLE_TIMEOUT)]
     assert removed[1].packet_count == 1
-    assert switch.flows == [] and datapath.device == {}
+    assert not switch.flows and datapath.device == {}
 
 
 def test_ports_coming_and_going_and_packet_ins() -> None:
@@ -325,7 +325,7 @@ def test_meters() -> None:
     assert datapath.meters == {1: (1600, 100)}
     # Deleting the meter removes the flows that use it.
     switch.handle(conn, MeterMod(10, c.MeterModCommand.DELETE, 0, c.OFPM_ALL), 0.0)
-    assert errors(conn) == [] and datapath.meters == {} and switch.flows == [] and datapath.device == {}
+    assert errors(conn) == [] and datapath.meters == {} and not switch.flows and datapath.device == {}
 
 
 def test_mutated_requests_through_the_switch_raise_nothing() -> None:

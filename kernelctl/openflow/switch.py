@@ -235,7 +235,10 @@ class Switch:
         self.datapath = datapath
         self.datapath_id = datapath_id
         self.description = description
-        self.flows: list[ControllerFlow] = []
+        # The controller's flows by (priority, match), in the order they were added: an ADD
+        # finds the entry it replaces in O(1), whatever the number of flows.
+        self.flows: dict[tuple[int, Match], ControllerFlow] = {}
+        self._device_index: dict[int, ControllerFlow] | None = None  # by device flow id, rebuilt on change
         self.meters: dict[int, MeterEntry] = {}
         self.configs: dict[OpenFlowConnection, ConnectionConfig] = {}
         self.revokers: set[OpenFlowConnection] = set()  # connections the policy lets revoke claims
@@ -350,7 +353,7 @@ class Switch:
     def _controller_views(self, stats: dict[str, Any], now: float) -> list[FlowView]:
         counts = _flow_counts(stats)
         views = []
-        for flow in self.flows:
+        for flow in self.flows.values():
             packets, nbytes = counts.get(flow.device_id, (0, 0)) if flow.device_id is not None else (0, 0)
             views.append(FlowView(
                 CLAIM_TABLE, flow.priority, flow.match, flow.instructions, flow.cookie,
@@ -457,9 +460,10 @@ class Switch:
     def _add(self, mod: FlowMod, actions: tuple[Output | SetQueue, ...], now: float) -> None:
         if mod.priority >= CONTROL_PLANE_PRIORITY:
             raise _flow_mod_error(FlowModFailed.EPERM, "priority 65535 belongs to the control plane's claimed flows")
-        existing = next((f for f in self.flows if f.priority == mod.priority and f.match == mod.match), None)
+        key = (mod.priority, mod.match)
+        existing = self.flows.get(key)
         if mod.flags & FlowModFlags.CHECK_OVERLAP:
-            for flow in self.flows:
+            for flow in self.flows.values():
                 if flow is not existing and flow.priority == mod.priority and _overlap(flow.match, mod.match):
                     raise _flow_mod_error(FlowModFailed.OVERLAP, "overlaps a flow of the same priority")
         if existing is None and len(self.flows) >= MAX_CONTROLLER_FLOWS:
@@ -476,9 +480,8 @@ class Switch:
             if not mod.flags & FlowModFlags.RESET_COUNTS:
                 flow.base_packets = existing.base_packets + final.get("packets", 0)
                 flow.base_bytes = existing.base_bytes + final.get("bytes", 0)
-            self.flows[self.flows.index(existing)] = flow
-        else:
-            self.flows.append(flow)
+        self.flows[key] = flow
+        self._device_index = None
 
     def _select(self, table_id: int, match: Match, priority: int, strict: bool, cookie: int,
                 cookie_mask: int, out_port: int, views: list[FlowView]) -> list[FlowView]:
@@ -517,6 +520,7 @@ class Switch:
                 old.base_bytes += final.get("bytes", 0)
             old.device_id = new_id
             old.instructions = mod.instructions
+            self._device_index = None
 
     def _delete(self, mod: FlowMod, now: float, strict: bool, may_revoke: bool = False) -> None:
         if mod.table_id not in (CLAIM_TABLE, TRANSMIT_TABLE, OFPTT_ALL):
@@ -541,8 +545,10 @@ class Switch:
     def _remove(self, removals: list[tuple[FlowView, int]], now: float) -> None:
         flows = [view.controller for view, _ in removals if view.controller is not None]
         finals = self._remove_from_device(flows)
-        gone = {id(flow) for flow in flows}
-        self.flows = [flow for flow in self.flows if id(flow) not in gone]
+        for gone in flows:
+            if self.flows.get((gone.priority, gone.match)) is gone:
+                del self.flows[(gone.priority, gone.match)]
+        self._device_index = None
         for view, reason in removals:
             flow = view.controller
             if flow is None or not flow.flags & FlowModFlags.SEND_FLOW_REM:
@@ -565,13 +571,14 @@ class Switch:
     def reinstall(self) -> None:
         """Program a fresh device (its host was restarted) with the meters and flows the
         controller set up; counts the old device had are lost, and are not pretended."""
-        for flow in self.flows:
+        self._device_index = None
+        for flow in self.flows.values():
             flow.device_id = None
         try:
             for meter_id, meter in self.meters.items():
                 band = meter.bands[0]
                 self.datapath.set_meter(meter_id, band.rate, band.burst_size if meter.flags & MeterFlags.BURST else 0)
-            for flow in self.flows:
+            for flow in self.flows.values():
                 try:
                     actions = self._check_instructions(flow.instructions)
                     device_flow = self._device_flow(flow.priority, flow.match, actions, self._meter_of(flow.instructions))
@@ -591,7 +598,7 @@ class Switch:
         is nothing to do: the device is asked for counters only while a flow has an idle
         timeout, at most once a second."""
         self._announce_ports()
-        timed = [f for f in self.flows if f.idle_timeout or f.hard_timeout]
+        timed = [f for f in self.flows.values() if f.idle_timeout or f.hard_timeout]
         if not timed:
             return
         counts: dict[int | None, tuple[int, int]] = {}
@@ -636,7 +643,9 @@ class Switch:
     # ---- PACKET_IN (7.4.1) ---------------------------------------------------------------------
 
     def packet_in(self, device_flow_id: int, total_len: int, data: bytes) -> None:
-        flow = next((f for f in self.flows if f.device_id == device_flow_id), None)
+        if self._device_index is None:
+            self._device_index = {f.device_id: f for f in self.flows.values() if f.device_id is not None}
+        flow = self._device_index.get(device_flow_id)
         if flow is None:
             return
         # The table-miss entry (priority 0, empty match) sends with reason NO_MATCH (5.4).
@@ -850,7 +859,7 @@ class Switch:
              "actions": describe_instructions(f.instructions), "device_flow": f.device_id,
              "idle_timeout": f.idle_timeout, "hard_timeout": f.hard_timeout, "age": round(now - f.installed, 3),
              "base_packets": f.base_packets, "base_bytes": f.base_bytes}
-            for f in self.flows
+            for f in self.flows.values()
         ]
 
 
