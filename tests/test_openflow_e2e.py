@@ -267,6 +267,8 @@ def test_monitor_packet_out_and_flow_removed(instance: Topology, tmp_path: Path)
         ofctl(instance, "packet-out", f"in_port=controller packet={frame.hex()} actions=output:{WIRE}")
         out, _ = receiver.communicate(timeout=30)
         assert out.strip() == "from the controller"
+        with echo_app("vnic", instance.tag, 7):  # a function comes (PORT_STATUS ADD) and goes (DELETE)
+            time.sleep(1)
         time.sleep(3)  # the idle flow expires (1 s, checked once a second)
     finally:
         monitor.terminate()
@@ -274,6 +276,7 @@ def test_monitor_packet_out_and_flow_removed(instance: Topology, tmp_path: Path)
     assert re.search(r"OFPT_PACKET_IN .*via no_match", seen), seen
     assert re.search(rf"icmp,.*nw_src={re.escape(instance.client_ip)},nw_dst={re.escape(instance.vnic_ip)}", seen), seen
     assert re.search(r"OFPT_FLOW_REMOVED .*priority=5,udp,tp_dst=4444 reason=idle", seen), seen
+    assert re.search(r"OFPT_PORT_STATUS .*ADD: 1\(", seen) and re.search(r"OFPT_PORT_STATUS .*DEL: 1\(", seen), seen
     assert "tp_dst=4444" not in ofctl(instance, "dump-flows").stdout
 
 
