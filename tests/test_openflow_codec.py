@@ -365,3 +365,18 @@ def test_masked_matches_round_trip(fields: list, value: int, mask: int) -> None:
     match = Match.of(**values)
     message = FlowMod(1, match=match)
     assert roundtrip(message) == message
+
+
+def test_a_refusal_carries_the_request_as_it_came() -> None:
+    conn = connected()
+    # An all-ones mask: the codec keeps the field exact, so the message re-encodes differently.
+    oxm = b"\x80\x00\x17\x08" + bytes([10, 0, 0, 1]) + b"\xff\xff\xff\xff"  # ipv4_src, masked
+    match = struct.pack("!HH", 1, 4 + 6 + len(oxm)) + b"\x80\x00\x0a\x02\x08\x00" + oxm
+    match += bytes((8 - len(match) % 8) % 8)
+    body = FLOW_MOD[8:MATCH_AT] + match
+    raw = struct.pack("!BBHI", 4, c.MsgType.FLOW_MOD, 8 + len(body), 77) + body
+    (message,) = conn.receive_data(raw)
+    assert message.emit() != raw
+    conn.refuse(OFPError(c.ErrorType.FLOW_MOD_FAILED, c.FlowModFailed.EPERM, "no"), message)
+    (error,) = replies(conn)
+    assert isinstance(error, Error) and error.data == raw[:64] and error.xid == 77

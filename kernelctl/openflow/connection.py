@@ -16,6 +16,7 @@ drops packet-ins when its channel is congested.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -49,6 +50,9 @@ class OpenFlowConnection:
         self.version: int | None = None  # negotiated; None until the peer's HELLO came
         self.close_reason = ""  # set when the connection must be closed (after flushing)
         self.counters = ConnectionCounters()
+        # The bytes each message of the last batch came in, for errors about it (by id: two
+        # equal messages may have come in different bytes, e.g. masks the codec normalized).
+        self._raw: dict[int, tuple[Message, bytes]] = {}
         self._queue(Hello(0, frozenset({OFP_VERSION})).emit())
 
     @property
@@ -62,6 +66,7 @@ class OpenFlowConnection:
         ``max_messages`` are taken per call; the rest wait for :meth:`receive_data` with
         ``b""`` (the caller's fairness between connections)."""
         self._input += data
+        self._raw.clear()
         out: list[Message] = []
         handled = 0
         while not self.close_reason and handled < max_messages and len(self._input) >= OFP_HEADER_LEN:
@@ -81,6 +86,7 @@ class OpenFlowConnection:
             message = self._take(raw, msg_type, xid)
             if message is not None:
                 out.append(message)
+                self._raw[id(message)] = (message, raw)
         return out
 
     @property
@@ -142,11 +148,16 @@ class OpenFlowConnection:
         self.send(Error(xid, exc.error_type, exc.code, data))
 
     def refuse(self, exc: OFPError, request: Message) -> None:
-        """Answer ``request`` with the error ``exc`` (for the switch's refusals)."""
-        try:
-            raw = request.emit()
-        except (ValueError, OverflowError):
-            raw = b""
+        """Answer ``request`` with the error ``exc`` (for the switch's refusals); the error
+        carries the request's first bytes as they came."""
+        kept = self._raw.get(id(request))
+        if kept is not None and kept[0] is request:
+            raw = kept[1]
+        else:
+            try:
+                raw = request.emit()
+            except (ValueError, OverflowError, struct.error):
+                raw = b""
         self._error(exc, request.xid, raw)
 
     # ---- output --------------------------------------------------------------------------------
