@@ -72,6 +72,8 @@ def cmd_up(topo: Topology, args: argparse.Namespace) -> int:
         argv += ["--policy", str(args.policy)]
     if args.spin is not None:
         argv += ["--spin", str(args.spin)]
+    if args.openflow_tls is not None:
+        argv += ["--openflow-tls", str(args.openflow_tls)]
     log_path = topo.run_dir / "kernelctl.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
@@ -210,6 +212,7 @@ def render_status(status: dict[str, Any]) -> str:
         out.append(_table(["ID", "DIR", "MATCH", "FUNCTION", "PACKETS", "BYTES", "DROPS"], rows))
     else:
         out.append("  (none)")
+    out.append(_render_controller_flows(status, device))
     table = next((f for f in device.get("filters", []) if isinstance(f, dict) and f.get("kind") == "table"), None)
     if table is not None:
         out.append(f"Unmatched frames (to the default function): {table.get('unmatched')}")
@@ -236,6 +239,32 @@ def render_status(status: dict[str, Any]) -> str:
             out.append(_table(["SERVER", "PID", "UID", "OPENS"],
                               [[s.get("server"), s.get("pid"), s.get("uid"), s.get("opens")] for s in servers]))
     return "\n".join(out)
+
+
+def _render_controller_flows(status: dict[str, Any], device: dict[str, Any]) -> str:
+    """The OpenFlow controller's flows (table 0, below the claimed ones) with their counters."""
+    openflow = status.get("openflow")
+    if not isinstance(openflow, dict):
+        return ""
+    counts = {
+        entry.get("id"): entry
+        for entry in device.get("filters", [])
+        if isinstance(entry, dict) and entry.get("kind") == "flow"
+    }
+    lines = [f"\nOpenFlow controller flows ({openflow.get('socket')}; {openflow.get('controllers')} controller(s) connected)"]
+    rows = []
+    for flow in openflow.get("flows", []):
+        entry = counts.get(flow.get("device_flow"), {})
+        rows.append([
+            flow.get("priority"), f"{flow.get('cookie', 0):#x}", flow.get("match"), flow.get("actions"),
+            flow.get("base_packets", 0) + entry.get("packets", 0), flow.get("base_bytes", 0) + entry.get("bytes", 0),
+            f"{flow.get('age', 0):.0f}s",
+        ])
+    if rows:
+        lines.append(_table(["PRIORITY", "COOKIE", "MATCH", "ACTIONS", "PACKETS", "BYTES", "AGE"], rows))
+    else:
+        lines.append("  (none)")
+    return "\n".join(lines)
 
 
 def cmd_status(topo: Topology, args: argparse.Namespace) -> int:
@@ -310,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="start the control plane and build the topology")
     up.add_argument("--policy", type=Path, default=None, help="policy file (default /etc/arrakis/policy.toml)")
     up.add_argument("--spin", type=float, default=None, help="device host polling window in seconds")
+    up.add_argument(
+        "--openflow-tls", type=int, default=None, metavar="PORT",
+        help="also serve OpenFlow over TLS on 127.0.0.1:PORT (0: a free port), with certificates kernelctl makes",
+    )
     down = commands.add_parser("down", help="tear everything down")
     down.add_argument("--purge", action="store_true", help="also delete the images and the VSA registry")
     status = commands.add_parser("status", help="functions, filters, rate limits and counters")

@@ -49,10 +49,14 @@ from pathlib import Path
 from typing import Any
 
 from kernelctl import tc, topology
-from kernelctl.hostproc import DeviceHostProcess, HostError, vnic_host, vsic_host
+from kernelctl.hostproc import DeviceHostProcess, HostError, nic_mac, vnic_host, vsic_host
 from kernelctl.naming import FileServer, NamePlane, NamingError
 from kernelctl.names import Topology
 from kernelctl.names import topology as topology_names
+from kernelctl.openflow import access as openflow_access
+from kernelctl.openflow.channel import OpenFlowChannel
+from kernelctl.openflow.datapath import FunctionPort, VnicDatapath
+from kernelctl.openflow.switch import Switch
 from kernelctl.policy import Policy, PolicyError
 from kernelctl.storage import StoragePlane, StorageRequestError
 from vdev import control
@@ -118,8 +122,12 @@ FdHandler = Callable[["Caller", Any, list[int]], tuple[object, list[int]]]
 
 
 class Daemon:
-    def __init__(self, topo: Topology, policy: Policy, spin: float | None = None) -> None:
+    def __init__(
+        self, topo: Topology, policy: Policy, spin: float | None = None, openflow_tls: int | None = None
+    ) -> None:
         self.topo = topo
+        self.openflow_tls = openflow_tls  # a TCP port on 127.0.0.1 for TLS controllers (0: any free one)
+        self.openflow: OpenFlowChannel | None = None
         self.policy = policy
         self.spin = spin
         self.selector = selectors.DefaultSelector()
@@ -194,8 +202,63 @@ class Daemon:
         listener.setblocking(False)
         self.listener = listener
         self.selector.register(listener, selectors.EVENT_READ, "listener")
+        self._start_openflow()
         topo.pid_file.write_text(f"{os.getpid()}\n")
         log.info("kernelctl up: %s (pid %d)", path, os.getpid())
+
+    def _start_openflow(self) -> None:
+        """The VNIC's filter table as an OpenFlow 1.3 switch (kernelctl/openflow)."""
+        grants = openflow_access.access(self.policy.source)
+        mac = bytes.fromhex(nic_mac(self.topo).replace(":", ""))
+        datapath = VnicDatapath(self._vnic_request, self._vnic_ports, mac, self.topo.tap, self._revoke_claim)
+        switch = Switch(
+            datapath,
+            int.from_bytes(mac, "big"),
+            {
+                "mfr": "Arrakis on Linux",
+                "hw": "VNIC device model (vdev.vnic)",
+                "sw": "kernelctl",
+                "serial": self.topo.tag or "default",
+                "dp": f"VNIC on {self.topo.tap} of instance {self.topo.tag or 'default'}",
+            },
+        )
+        channel = OpenFlowChannel(switch, self.selector, grants.may_connect, lambda uid: uid in grants.may_revoke)
+        channel.listen_unix(self.topo.run_dir / "openflow.sock")
+        if self.openflow_tls is not None:
+            from kernelctl.openflow import tls
+
+            context = tls.server_context(self.topo.run_dir / "openflow-tls")
+            port = channel.listen_tls(self.openflow_tls, context)
+            (self.topo.run_dir / "openflow-tls" / "port").write_text(f"{port}\n")
+            log.info("openflow: TLS on 127.0.0.1:%d", port)
+        self.openflow = channel
+
+    def _vnic_request(self, body: control.Record) -> Any:
+        host = self.hosts.get("vnic")
+        if host is None:
+            raise HostError("no VNIC device host")
+        return host.request(body, [], self._on_function_closed)
+
+    def _revoke_claim(self, function_id: int, proto: str, port: int) -> None:
+        """An OpenFlow controller the policy lets revoke claims deleted this one's flow: the
+        function loses the port (its receive and transmit filters, its tc classes)."""
+        record = self.functions.get(function_id)
+        claim = (proto, port)
+        if record is None or claim not in record.claims:
+            raise RequestError(f"function {function_id} holds no claim {proto}/{port}")
+        self._host_request("vnic", control.HostRemoveFilter(function_id, proto, port), [])
+        record.claims.remove(claim)
+        if self.claims.get(claim) == function_id:
+            del self.claims[claim]
+        self._program_rates(record)
+        log.info("openflow: claim %s/%d of function %d revoked by a controller", proto, port, function_id)
+
+    def _vnic_ports(self) -> list[FunctionPort]:
+        return [
+            FunctionPort(record.function_id, record.name, record.created)
+            for record in self.functions.values()
+            if record.device == "vnic"
+        ]
 
     @property
     def host(self) -> DeviceHostProcess | None:
@@ -216,7 +279,8 @@ class Daemon:
     def run(self) -> None:
         while self.running:
             served: set[int] = set()
-            for key, mask in self.selector.select(timeout=0.5):
+            busy = self.openflow is not None and self.openflow.busy()
+            for key, mask in self.selector.select(timeout=0 if busy else 0.5):
                 # Nothing a caller or a device host does may end this loop: a failure is
                 # logged, and the caller it concerns (if any) got an error reply.
                 try:
@@ -232,6 +296,8 @@ class Daemon:
                             served.add(caller.uid)
                     elif isinstance(key.data, FileServer):
                         self.names.on_channel(key.data)
+                    elif callable(key.data):
+                        key.data(mask)  # an OpenFlow listener or controller session
                     elif key.data in self.hosts:
                         self._on_host_events(key.data)
                 except Exception:
@@ -239,11 +305,20 @@ class Daemon:
             try:
                 self._check_hosts()
                 self._check_deadlines()
+                if self.openflow is not None:
+                    vnic = self.hosts.get("vnic")
+                    if vnic is not None:
+                        for event in vnic.take_packet_ins():
+                            self.openflow.switch.packet_in(event.flow_id, event.total_len, event.data)
+                    self.openflow.tick(time.monotonic())
             except Exception:
                 log.exception("control loop")
 
     def stop(self) -> None:
         self.running = False
+        if self.openflow is not None:
+            self.openflow.close()
+            self.openflow = None
         for caller in list(self.callers.values()):
             self._drop_caller(caller)
         for host in self.hosts.values():
@@ -292,6 +367,9 @@ class Daemon:
                 if record.device == kind:
                     self._reclaim(function_id)
             self._start_host(kind)
+            if kind == "vnic" and self.openflow is not None:
+                # The new device has none of the controller's meters and flows: put them back.
+                self.openflow.switch.reinstall()
 
     # ---- callers -----------------------------------------------------------------------
 
@@ -775,6 +853,13 @@ class Daemon:
             "storage": self.storage.status(),
             "storage_device": storage_device,
             "names": self.names.status(),
+            "openflow": None if self.openflow is None else {
+                "socket": str(self.topo.run_dir / "openflow.sock"),
+                "controllers": len(self.openflow.sessions),
+                "refused": self.openflow.refused,
+                "counters": dict(self.openflow.switch.counters),
+                "flows": self.openflow.switch.status(time.monotonic()),
+            },
         }
 
 
@@ -783,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance", default="")
     parser.add_argument("--policy", type=Path, default=None)
     parser.add_argument("--spin", type=float, default=None, help="device host polling window, seconds")
+    parser.add_argument("--openflow-tls", type=int, default=None, help="TLS OpenFlow listener port on 127.0.0.1 (0: any)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernelctl[%(process)d] %(message)s")
     if os.geteuid() != 0:
@@ -793,7 +879,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PolicyError, OSError) as exc:
         print(f"kernelctl: policy: {exc}", file=sys.stderr)
         return 1
-    daemon = Daemon(topology_names(args.instance), policy, spin=args.spin)
+    try:
+        openflow_access.access(policy.source)
+    except openflow_access.OpenFlowConfigError as exc:
+        print(f"kernelctl: policy: {exc}", file=sys.stderr)
+        return 1
+    daemon = Daemon(topology_names(args.instance), policy, spin=args.spin, openflow_tls=args.openflow_tls)
 
     def on_signal(_signum: int, _frame: object) -> None:
         daemon.running = False

@@ -28,6 +28,7 @@ from vdev.vnic.faults import ENV_VAR as FAULTS_ENV_VAR
 
 log = logging.getLogger("kernelctl")
 REQUEST_TIMEOUT = 5.0
+MAX_PACKET_INS = 1024  # packet-in events held for the OpenFlow switch; more are dropped
 
 
 class HostError(Exception):
@@ -74,6 +75,8 @@ class DeviceHostProcess:
         self.sock = ours
         self.channel = control.Channel(ours)
         self._ids = itertools.count(1)
+        self.packet_ins: list[control.PacketInEvent] = []
+        self.packet_ins_dropped = 0
 
     @property
     def pid(self) -> int:
@@ -131,9 +134,18 @@ class DeviceHostProcess:
                 continue
             if isinstance(message, control.FunctionClosed):
                 on_event(message.function_id)
+            elif isinstance(message, control.PacketInEvent):
+                if len(self.packet_ins) < MAX_PACKET_INS:
+                    self.packet_ins.append(message)
+                else:
+                    self.packet_ins_dropped += 1
             else:
                 replies.append(message)
         return replies
+
+    def take_packet_ins(self) -> list[control.PacketInEvent]:
+        taken, self.packet_ins = self.packet_ins, []
+        return taken
 
     def drain_events(self, on_event: Callable[[int], None]) -> None:
         """Hand the events that came to ``on_event``; late replies are dropped."""

@@ -80,11 +80,11 @@ def leftovers(topo: Topology) -> list[str]:
 
 
 @contextmanager
-def running_instance(topo: Topology) -> Iterator[Topology]:
-    """``kernelctl up`` for ``topo``; on the way out ``down --purge``, then check that nothing
-    of it is left on the machine (and fail the test if something was)."""
+def running_instance(topo: Topology, *up_args: str) -> Iterator[Topology]:
+    """``kernelctl up`` for ``topo`` (with ``up_args``); on the way out ``down --purge``, then
+    check that nothing of it is left on the machine (and fail the test if something was)."""
     try:
-        kernelctl(topo.tag, "up")
+        kernelctl(topo.tag, "up", *up_args)
         yield topo
     finally:
         kernelctl(topo.tag, "down", "--purge", check=False)

@@ -107,7 +107,11 @@ def test_every_protocol_table_has_one_record_per_op() -> None:
         "vsa_create", "vsa_resize", "vsa_delete", "vsa_list", "vsa_grant", "vsa_revoke",
         "name_serve", "name_publish", "name_make", "name_open", "name_list", "name_stat", "name_remove",
     }
-    assert set(control.VNIC_MGMT.records) == {"create_function", "destroy_function", "stats", "shutdown", "add_filter", "set_rate"}
+    assert set(control.VNIC_MGMT.records) == {
+        "create_function", "destroy_function", "stats", "shutdown", "add_filter", "remove_filter", "set_rate", "add_flow",
+        "remove_flows",
+        "packet_out", "set_meter",
+    }
     assert set(control.VSIC_MGMT.records) == {"create_function", "destroy_function", "stats", "shutdown", "set_limits"}
 
 

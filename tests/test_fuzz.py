@@ -24,7 +24,7 @@ from tools.fuzz_targets import CORPUS_ROOT, TARGETS, crash_signature
 from tools.fuzz_targets.known import KNOWN_OPEN
 from vdev import layout
 
-# Seconds per target in CI: nine targets, about a second of start-up each, stay under a minute.
+# Seconds per target in CI: ten targets, about a second of start-up each, stay around a minute.
 CI_SECONDS = 4
 
 

@@ -753,11 +753,83 @@ class HostAddFilter(Record):
 
 
 @dataclass(frozen=True)
+class HostRemoveFilter(Record):
+    """Take a claim back: the function's receive and transmit filters for ``proto``/``port``."""
+
+    OP = "remove_filter"
+    function_id: int = bounded(low=0, high=U32)
+    proto: str = bounded(choices=PROTOCOLS)
+    port: int = bounded(low=1, high=65535)
+
+
+@dataclass(frozen=True)
 class HostSetRate(Record):
     OP = "set_rate"
     function_id: int = bounded(low=0, high=U32)
     rx_bps: int = bounded(0, high=MAX_RATE_BPS)
     tx_bps: int = bounded(0, high=MAX_RATE_BPS)
+
+
+# Controller flows (vdev.vnic.flows): kernelctl's OpenFlow switch installs them in the VNIC.
+FLOW_FIELDS = ("eth_dst", "eth_src", "eth_type", "ip_proto", "ipv4_src", "ipv4_dst", "l4_src", "l4_dst")
+U48 = (1 << 48) - 1
+MAX_FLOW_OUTPUTS = 8
+MAX_FLOW_BATCH = 1024  # flows removed by one request
+MAX_PACKET_IN = 1514  # bytes of a frame a packet-in event or a packet-out carries
+
+
+@dataclass(frozen=True)
+class FlowField(Record):
+    """One matched field; the device checks the value against the field's width."""
+
+    name: str = bounded(choices=FLOW_FIELDS)
+    value: int = bounded(high=U48)
+    mask: int = bounded(low=1, high=U48)
+
+
+@dataclass(frozen=True)
+class FlowOutput(Record):
+    function_id: int = bounded(low=0, high=U32)
+    queue: int = bounded(0, high=MAX_QUEUES - 1)
+
+
+@dataclass(frozen=True)
+class HostAddFlow(Record):
+    OP = "add_flow"
+    priority: int = bounded(high=0xFFFF)
+    match: tuple[FlowField, ...] = bounded((), max_len=len(FLOW_FIELDS))
+    outputs: tuple[FlowOutput, ...] = bounded((), max_len=MAX_FLOW_OUTPUTS)
+    to_controller: bool = bounded(False)
+    controller_len: int = bounded(0, high=0xFFFF)
+    meter: int = bounded(0, high=U32)
+
+
+@dataclass(frozen=True)
+class HostRemoveFlows(Record):
+    OP = "remove_flows"
+    flow_ids: tuple[int, ...] = bounded(min_len=1, max_len=MAX_FLOW_BATCH, high=U32)
+
+
+@dataclass(frozen=True)
+class HostSetMeter(Record):
+    """A controller's meter in the VNIC: a drop band of ``rate_kbps`` (0: remove the meter)."""
+
+    OP = "set_meter"
+    meter_id: int = bounded(low=1, high=U32)
+    rate_kbps: int = bounded(high=MAX_RATE_BPS // 1000)
+    burst_kb: int = bounded(0, high=U32)
+
+
+@dataclass(frozen=True)
+class HostPacketOut(Record):
+    """A frame from the controller: onto the wire, through the receive table as if it came
+    from the wire, to the default function, or into a function's queue."""
+
+    OP = "packet_out"
+    target: str = bounded(choices=("wire", "table", "local", "function"))
+    data: str = bounded(min_len=28, max_len=2 * MAX_PACKET_IN)  # hex; at least an Ethernet header
+    function_id: int = bounded(0, high=U32)
+    queue: int = bounded(0, high=MAX_QUEUES - 1)
 
 
 @dataclass(frozen=True)
@@ -803,6 +875,35 @@ class FunctionClosed:
 
     def to_json(self) -> bytes:
         return encode_json({"event": "function_closed", "function_id": self.function_id})
+
+
+@dataclass(frozen=True)
+class PacketInEvent:
+    """VNIC host -> kernelctl: a controller flow (``flow_id``) sent a frame to the
+    controller; ``data`` is its first bytes, ``total_len`` its length."""
+
+    flow_id: int
+    total_len: int
+    data: bytes
+
+    def to_json(self) -> bytes:
+        return encode_json(
+            {"event": "packet_in", "flow_id": self.flow_id, "total_len": self.total_len, "data": self.data.hex()}
+        )
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> PacketInEvent:
+        flow_id, total_len, data = message.get("flow_id"), message.get("total_len"), message.get("data")
+        if not isinstance(flow_id, int) or isinstance(flow_id, bool) or not 0 <= flow_id <= U32:
+            raise ProtocolError("packet_in without a flow_id")
+        if not isinstance(total_len, int) or isinstance(total_len, bool) or not 0 <= total_len <= 0xFFFF:
+            raise ProtocolError("packet_in without a total_len")
+        if not isinstance(data, str) or len(data) > 2 * MAX_PACKET_IN:
+            raise ProtocolError("packet_in data must be hex of at most a frame")
+        try:
+            return cls(flow_id, total_len, bytes.fromhex(data))
+        except ValueError:
+            raise ProtocolError("packet_in data is not hex") from None
 
 
 class RequestRefused(ProtocolError):
@@ -855,10 +956,12 @@ class Protocol:
             raise RequestRefused(request_id, f"{op}: {exc}") from None
 
 
-def decode_reply(payload: bytes) -> Reply | FunctionClosed:
+def decode_reply(payload: bytes) -> Reply | FunctionClosed | PacketInEvent:
     """A reply or an event (what a requester receives)."""
     message = decode_json(payload)
     if "event" in message:
+        if message.get("event") == "packet_in":
+            return PacketInEvent.from_message(message)
         if message.get("event") != "function_closed":
             raise ProtocolError(f"unknown event {_show(message.get('event'))}")
         function_id = message.get("function_id")
@@ -886,7 +989,11 @@ CONTROL = Protocol(
      NameServe, NamePublish, NameMake, NameOpen, NameList, NameStat, NameRemove],
 )
 _HOST_COMMON: list[type[Record]] = [DestroyFunction, Stats, HostShutdown]
-VNIC_MGMT = Protocol("vnic management", [VnicCreateFunction, HostAddFilter, HostSetRate, *_HOST_COMMON])
+VNIC_MGMT = Protocol(
+    "vnic management",
+    [VnicCreateFunction, HostAddFilter, HostRemoveFilter, HostSetRate, HostAddFlow, HostRemoveFlows, HostPacketOut, HostSetMeter,
+     *_HOST_COMMON],
+)
 VSIC_MGMT = Protocol("vsic management", [VsicCreateFunction, SetLimits, *_HOST_COMMON])
 
 

@@ -117,6 +117,21 @@ TARGETS: dict[str, Target] = {
             "depend on how the bytes were chunked; UDP replies are well-framed",
         ),
         Target(
+            "openflow",
+            "openflow",
+            (
+                "kernelctl.openflow.wire",
+                "kernelctl.openflow.oxm",
+                "kernelctl.openflow.actions",
+                "kernelctl.openflow.messages",
+                "kernelctl.openflow.connection",
+                "kernelctl.openflow.switch",
+            ),
+            "OpenFlowConnection.receive_data and Switch.handle never raise, cut the stream "
+            "anyhow; input held stays under one message; the control plane's flows survive "
+            "and the device's flows are exactly the switch's",
+        ),
+        Target(
             "log_recovery",
             "log",
             ("libos.storage.log",),

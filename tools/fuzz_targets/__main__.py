@@ -31,7 +31,7 @@ def _run(name: str, artifacts: Path, crash_log: Path, libfuzzer_args: list[str])
     import atheris  # only the fuzzing child needs it
 
     target = TARGETS[name]
-    with atheris.instrument_imports(include=["vdev", "libos"]):
+    with atheris.instrument_imports(include=["vdev", "libos", "kernelctl"]):
         harness, _seeds = target.load()
     counts: Counter[str] = Counter()
     files: dict[str, str] = {}

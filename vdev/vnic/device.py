@@ -12,13 +12,41 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from vdev.fast.mirror import make_fast_path
+from vdev.ratelimit import TokenBucket
 from vdev.vnic.backend import WireBackend
 from vdev.vnic.default_function import DefaultFunction
-from vdev.vnic.filters import DEFAULT_FUNCTION, TX_REFUSED, FilterTable, Match
+from vdev.vnic.filters import CONTROLLER_FUNCTION, DEFAULT_FUNCTION, TX_REFUSED, Delivery, FilterTable, Match
 from vdev.vnic.function import FunctionConfig, VnicFunction
 
 RX_BUDGET = 64  # frames taken from one wire queue per poll
+MAX_PACKET_INS = 256  # frames waiting for the host to pass them to kernelctl
+# Frames per second the device hands to the controller (a token bucket with a burst of
+# MAX_PACKET_INS): a flood of unclaimed traffic under a to-controller flow costs the control
+# plane a bounded amount of work; the rest is counted in packet_ins_dropped.
+PACKET_IN_RATE = 1000.0
 TX_BUDGET = 64  # descriptors taken from one TX ring per poll
+
+
+MAX_METERS = 64
+METER_WINDOW = 0.05  # seconds of traffic a meter's default bucket lets through at once
+
+
+@dataclass
+class Meter:
+    """A controller's meter: a token bucket that flows share (a drop band, in bytes)."""
+
+    bucket: TokenBucket
+    rate_kbps: int
+    burst_kb: int
+    packets_in: int = 0
+    bytes_in: int = 0
+    band_packets: int = 0  # dropped by the band
+    band_bytes: int = 0
+
+    def as_dict(self, meter_id: int, flows: int) -> dict[str, int]:
+        return {"meter_id": meter_id, "rate_kbps": self.rate_kbps, "burst_kb": self.burst_kb, "flows": flows,
+                "packets_in": self.packets_in, "bytes_in": self.bytes_in,
+                "band_packets": self.band_packets, "band_bytes": self.band_bytes}
 
 
 @dataclass
@@ -30,6 +58,9 @@ class DeviceCounters:
     wire_tx_dropped: int = 0
     delivered: int = 0
     dropped: int = 0  # a function could not take a frame steered to it
+    flow_dropped: int = 0  # a controller flow said drop
+    packet_ins: int = 0  # frames a controller flow sent to the controller
+    packet_ins_dropped: int = 0  # ... that found the packet-in queue full
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -46,6 +77,11 @@ class VnicDevice:
         self._irq_pending: set[VnicFunction] = set()
         self.tx_deadline: float | None = None  # when a rate-limited TX ring may go on
         self.fast = make_fast_path(RX_BUDGET, TX_BUDGET)  # None: pure Python (ARRAKIS_PURE=1)
+        self.meters: dict[int, Meter] = {}
+        # (flow id, total length, the frame's first bytes) for the controller; bounded.
+        self.packet_ins: list[tuple[int, int, bytes]] = []
+        self._packet_in_tokens = float(MAX_PACKET_INS)
+        self._packet_in_time = 0.0
 
     # ---- configuration (from the control plane) -------------------------------------
 
@@ -90,12 +126,24 @@ class VnicDevice:
         functions = self.functions
         classify = self.filters.classify_rx_deliveries
         record = self.filters.record_rx
+        meters = self.meters
         for frame in frames:
             length = len(frame)
             counters.wire_rx_packets += 1
             counters.wire_rx_bytes += length
-            for delivery in classify(frame):
+            deliveries = classify(frame)
+            if meters and deliveries and not self._metered(deliveries[0], length, now):
+                continue
+            for delivery in deliveries:
                 function_id = delivery.function_id
+                if function_id < 0:
+                    # A controller flow's verdict: the controller, or nowhere.
+                    if function_id == CONTROLLER_FUNCTION:
+                        self._to_controller(delivery.filter_id, frame, now)
+                    else:
+                        counters.flow_dropped += 1
+                    record(delivery, length, True)
+                    continue
                 if function_id == DEFAULT_FUNCTION:
                     for reply in self.default.handle(frame, now):
                         self.send_to_wire(reply)
@@ -110,6 +158,60 @@ class VnicDevice:
                     counters.dropped += 1
                     record(delivery, length, False)
         return len(frames)
+
+    def _metered(self, delivery: Delivery, length: int, now: float) -> bool:
+        """Whether a frame a metered controller flow matched may go on (its meter's band
+        drops the rest, and the flow counts them as drops)."""
+        flow = self.filters.flows.flows.get(delivery.filter_id)
+        if flow is None or not flow.meter:
+            return True
+        meter = self.meters.get(flow.meter)
+        if meter is None:
+            return True
+        meter.packets_in += 1
+        meter.bytes_in += length
+        if meter.bucket.try_consume(length, now):
+            return True
+        meter.band_packets += 1
+        meter.band_bytes += length
+        self.filters.record_rx(delivery, length, False)
+        return False
+
+    def set_meter(self, meter_id: int, rate_kbps: int, burst_kb: int, now: float) -> None:
+        """Add or change meter ``meter_id`` (rate 0: remove it). The bucket holds ``burst_kb``
+        kilobits, or by default ``METER_WINDOW`` seconds of traffic (frames reach the device
+        in bursts after every scheduling gap, as for the receive policer)."""
+        if rate_kbps == 0:
+            if self.meters.pop(meter_id, None) is None:
+                raise KeyError(f"no meter {meter_id}")
+            return
+        burst_bytes = burst_kb * 125 if burst_kb else max(1514, int(rate_kbps * 125 * METER_WINDOW))
+        meter = self.meters.get(meter_id)
+        if meter is None:
+            if len(self.meters) >= MAX_METERS:
+                raise ValueError(f"the device has {MAX_METERS} meters")
+            self.meters[meter_id] = Meter(TokenBucket(rate_kbps * 1000, burst_bytes, now), rate_kbps, burst_kb)
+        else:
+            meter.bucket.set_rate(rate_kbps * 1000, burst_bytes, now)
+            meter.rate_kbps, meter.burst_kb = rate_kbps, burst_kb
+
+    def _to_controller(self, flow_id: int, frame: bytes, now: float) -> None:
+        flow = self.filters.flows.flows.get(flow_id)
+        if flow is None:
+            return
+        elapsed = max(0.0, now - self._packet_in_time)
+        self._packet_in_time = now
+        self._packet_in_tokens = min(float(MAX_PACKET_INS), self._packet_in_tokens + elapsed * PACKET_IN_RATE)
+        if len(self.packet_ins) >= MAX_PACKET_INS or self._packet_in_tokens < 1.0:
+            self.counters.packet_ins_dropped += 1
+            return
+        self._packet_in_tokens -= 1.0
+        self.counters.packet_ins += 1
+        self.packet_ins.append((flow_id, len(frame), bytes(frame[: flow.controller_len])))
+
+    def take_packet_ins(self) -> list[tuple[int, int, bytes]]:
+        taken, self.packet_ins = self.packet_ins, []
+        return taken
 
     def send_to_wire(self, frame: bytes) -> None:
         if self.backend.send(0, frame):
@@ -147,6 +249,11 @@ class VnicDevice:
         self.filters.record_tx(function_id, verdict, len(frame), permitted)
         return permitted
 
+    def raise_irqs_of(self, function_id: int) -> None:
+        function = self.functions.get(function_id)
+        if function is not None:
+            function.raise_irqs()
+
     def raise_irqs(self) -> None:
         if self._irq_pending:
             for function in self._irq_pending:
@@ -170,6 +277,10 @@ class VnicDevice:
             "default_function": self.default.counters.as_dict(),
             "functions": [function.snapshot() for function in self.functions.values()],
             "filters": self.filters.stats(),
+            "meters": [
+                meter.as_dict(meter_id, sum(1 for f in self.filters.flows.flows.values() if f.meter == meter_id))
+                for meter_id, meter in sorted(self.meters.items())
+            ],
             "fast": None if self.fast is None else self.fast.stats(),
         }
 

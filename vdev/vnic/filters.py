@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final, NamedTuple
 
 from vdev.layout import MAX_RINGS
+from vdev.vnic.flows import Flow, FlowError, FlowTable
 
 DEFAULT_FUNCTION: Final = 0  # owned by the control plane (kernelctl)
 DEFAULT_QUEUE: Final = 0  # where the default function and ARP copies receive
@@ -53,6 +54,11 @@ DEFAULT_QUEUE: Final = 0  # where the default function and ARP copies receive
 UNMATCHED: Final = 0  # no filter matched: the default function got the frame
 ADDRESS_GRANT: Final = -1  # ARP, delivered or allowed because of an address grant
 TX_REFUSED: Final = -2  # transmit verdict: the frame's source was not granted
+FLOW_COPY: Final = -3  # a controller flow's second and later deliveries (counted once)
+
+# Pseudo function ids of a Delivery made by a controller flow (vdev.vnic.flows).
+DROP_FUNCTION: Final = -1  # the flow drops the frame
+CONTROLLER_FUNCTION: Final = -2  # the frame goes to the controller (a packet-in)
 
 ETHERTYPE_IPV4: Final = 0x0800
 ETHERTYPE_ARP: Final = 0x0806
@@ -242,6 +248,10 @@ class FilterTable:
         self._counters: dict[int, _FunctionCounters] = {}
         self._unmatched = 0
         self._default = _Route((Delivery(DEFAULT_FUNCTION, DEFAULT_QUEUE, UNMATCHED),))
+        # Controller flows, for frames no claimed filter takes; their ids share the
+        # filters' id space so that a Delivery names either without ambiguity.
+        self.flows = FlowTable()
+        self._flow_routes: dict[int, _Route] = {}
 
     # --- programming (control plane) ----------------------------------------------
 
@@ -344,6 +354,18 @@ class FilterTable:
         else:
             self._tx_wildcards[rule.function_id].remove(rule)
 
+    def remove_port(self, function_id: int, ip_proto: int, port: int) -> list[int]:
+        """Remove the function's receive and transmit filters for ``ip_proto``/``port`` (a
+        claim taken back); returns their ids."""
+        removed = sorted(
+            filter_id
+            for filter_id, rule in self._rules.items()
+            if rule.function_id == function_id and rule.ip_proto == ip_proto and rule.port == port
+        )
+        for filter_id in removed:
+            self.remove(filter_id)
+        return removed
+
     def remove_function(self, function_id: int) -> list[int]:
         """Tear a function down: its filters, grants and counters. Returns the removed
         filter ids (teardown is rare, so a scan of all filters is fine)."""
@@ -361,6 +383,50 @@ class FilterTable:
         self._counters.pop(function_id, None)
         return removed
 
+    def add_flow(
+        self,
+        priority: int,
+        fields: dict[str, tuple[int, int]],
+        outputs: Sequence[tuple[int, int]],
+        to_controller: bool = False,
+        controller_len: int = 0,
+        meter: int = 0,
+    ) -> int:
+        """A controller flow (see ``vdev.vnic.flows``): frames that no claimed filter takes
+        and that match ``fields`` go to ``outputs`` ((function, queue) pairs; the default
+        function among them), to the controller, or nowhere. Returns the flow id."""
+        for function_id, queue in outputs:
+            self._check_function(function_id)
+            _check_int("queue", queue, 0, MAX_QUEUES - 1)
+        if len(set(outputs)) != len(outputs):
+            raise InvalidMatch("the same output twice")
+        flow_id = self._next_id
+        flow = Flow(flow_id, priority, dict(fields), tuple(outputs), to_controller, controller_len, meter)
+        try:
+            self.flows.add(flow)
+        except FlowError as exc:
+            raise InvalidMatch(str(exc)) from None
+        self._next_id += 1
+        deliveries = [Delivery(fid, queue, flow_id) for fid, queue in outputs]
+        if to_controller:
+            # First, so that it keeps the flow id: the device looks the flow up by it.
+            deliveries.insert(0, Delivery(CONTROLLER_FUNCTION, DEFAULT_QUEUE, flow_id))
+        if not deliveries:
+            deliveries.append(Delivery(DROP_FUNCTION, DEFAULT_QUEUE, flow_id))
+        # The flow's counters count a frame once, however many copies it makes.
+        deliveries[1:] = [d._replace(filter_id=FLOW_COPY) for d in deliveries[1:]]
+        self._flow_routes[flow_id] = _Route(tuple(deliveries))
+        return flow_id
+
+    def remove_flow(self, flow_id: int) -> dict[str, int]:
+        """Remove a controller flow; returns its final counters."""
+        try:
+            flow = self.flows.remove(flow_id)
+        except FlowError:
+            raise UnknownFilter(f"no flow {flow_id}") from None
+        del self._flow_routes[flow_id]
+        return {"packets": flow.packets, "bytes": flow.bytes, "drops": flow.drops}
+
     # --- data path (device) -------------------------------------------------------
 
     def classify_rx(self, frame: bytes | bytearray | memoryview) -> Sequence[tuple[int, int]]:
@@ -377,6 +443,16 @@ class FilterTable:
         return self._route(frame).deliveries
 
     def _route(self, frame: bytes | bytearray | memoryview) -> _Route:
+        route = self._route_claimed(frame)
+        # The control plane's filters and grants come first: a controller steers only what
+        # they would hand to the default function.
+        if route is self._default and self._flow_routes:
+            flow = self.flows.lookup(frame)
+            if flow is not None:
+                return self._flow_routes[flow.flow_id]
+        return route
+
+    def _route_claimed(self, frame: bytes | bytearray | memoryview) -> _Route:
         length = len(frame)
         if length < _ETH_IPV4.size:
             return self._classify_short(frame, length)
@@ -478,12 +554,13 @@ class FilterTable:
         e.g. the queue was full or the policer said no)."""
         if delivery.filter_id == UNMATCHED:
             self._unmatched += 1
-        counters = self._function_counters(delivery.function_id)
-        if delivered:
-            counters.rx_packets += 1
-            counters.rx_bytes += nbytes
-        else:
-            counters.rx_drops += 1
+        if delivery.function_id >= 0:
+            counters = self._function_counters(delivery.function_id)
+            if delivered:
+                counters.rx_packets += 1
+                counters.rx_bytes += nbytes
+            else:
+                counters.rx_drops += 1
         self._count_rule(delivery.filter_id, nbytes, delivered)
 
     def record_tx(self, function_id: int, verdict: int, nbytes: int, sent: bool) -> None:
@@ -503,7 +580,14 @@ class FilterTable:
     def _count_rule(self, filter_id: int, nbytes: int, passed: bool) -> None:
         rule = self._rules.get(filter_id)
         if rule is None:
-            return  # a stand-in id (unmatched, an address grant), or a filter just removed
+            flow = self.flows.flows.get(filter_id)
+            if flow is not None:
+                # OpenFlow counts what a flow matched; drops are the copies that were lost.
+                flow.packets += 1
+                flow.bytes += nbytes
+                if not passed:
+                    flow.drops += 1
+            return  # else a stand-in id (unmatched, an address grant), or a filter just removed
         if passed:
             rule.packets += 1
             rule.bytes += nbytes
@@ -535,6 +619,7 @@ class FilterTable:
                 "rx_wildcard": sum(len(rules) for rules in self._rx_wildcards.values()),
                 "tx_exact": len(self._tx_exact),
                 "tx_wildcard": sum(len(rules) for rules in self._tx_wildcards.values()),
+                "flows": len(self.flows),
             }
         ]
         functions = sorted(set(self._counters) | set(self._grants))
@@ -560,6 +645,22 @@ class FilterTable:
                     "packets": rule.packets,
                     "bytes": rule.bytes,
                     "drops": rule.drops,
+                }
+            )
+        for flow_id in sorted(self.flows.flows):
+            flow = self.flows.flows[flow_id]
+            snapshot.append(
+                {
+                    "kind": "flow",
+                    "id": flow_id,
+                    "priority": flow.priority,
+                    "fields": {name: list(value) for name, value in flow.fields.items()},
+                    "outputs": [list(output) for output in flow.outputs],
+                    "to_controller": flow.to_controller,
+                    "meter": flow.meter,
+                    "packets": flow.packets,
+                    "bytes": flow.bytes,
+                    "drops": flow.drops,
                 }
             )
         return snapshot

@@ -33,7 +33,7 @@ from vdev.vfio_user.server import VfioUserServerConnection
 from vdev.vnic.backend import TapBackend, WireBackend
 from vdev.vnic.device import VnicDevice
 from vdev.vnic.faults import FaultSpec, FaultSpecError, FaultyBackend
-from vdev.vnic.filters import FilterConflict, Match
+from vdev.vnic.filters import FilterConflict, Match, UnknownFilter
 from vdev.vnic.function import FunctionConfig, VnicFunction
 
 # Seconds of polling after the last work before sleeping. While the device polls, an
@@ -73,13 +73,25 @@ class DeviceHost(DeviceHostBase):
         return self.device.poll_transmit(now)
 
     def _on_wire(self, queue: int, now: float) -> int:
-        return self.device.receive_from_wire(queue, now)
+        received = self.device.receive_from_wire(queue, now)
+        if self.device.packet_ins:
+            # Frames a controller flow sent to the controller: events on the management
+            # channel (bounded by the device's packet-in rate), which kernelctl turns into
+            # OpenFlow PACKET_INs.
+            for flow_id, total_len, data in self.device.take_packet_ins():
+                self._send(control.PacketInEvent(flow_id, total_len, data).to_json())
+        return received
 
     def _device_handlers(self) -> dict[type[control.Record], Callable[[Any, list[int]], object]]:
         return {
             control.VnicCreateFunction: self._create_function,
             control.HostAddFilter: self._add_filter,
+            control.HostRemoveFilter: self._remove_filter,
             control.HostSetRate: self._set_rate,
+            control.HostAddFlow: self._add_flow,
+            control.HostRemoveFlows: self._remove_flows,
+            control.HostPacketOut: self._packet_out,
+            control.HostSetMeter: self._set_meter,
         }
 
     def _function(self, function_id: int) -> VnicFunction:
@@ -93,6 +105,56 @@ class DeviceHost(DeviceHostBase):
         match = self._match(control.Filter(body.proto, body.port), function.config.ipv4)
         self.device.filters.add_rx(body.function_id, 0, match)
         self.device.filters.add_tx(body.function_id, replace(match, ip=function.config.ipv4))
+        return None
+
+    def _remove_filter(self, body: control.HostRemoveFilter, fds: list[int]) -> object:
+        removed = self.device.filters.remove_port(body.function_id, _PROTOCOLS[body.proto], body.port)
+        if not removed:
+            raise KeyError(f"function {body.function_id} has no filter for {body.proto}/{body.port}")
+        return {"removed": removed}
+
+    def _set_meter(self, body: control.HostSetMeter, fds: list[int]) -> object:
+        self.device.set_meter(body.meter_id, body.rate_kbps, body.burst_kb, time.monotonic())
+        return None
+
+    def _add_flow(self, body: control.HostAddFlow, fds: list[int]) -> object:
+        if body.meter and body.meter not in self.device.meters:
+            raise ValueError(f"no meter {body.meter}")
+        fields = {item.name: (item.value, item.mask) for item in body.match}
+        if len(fields) != len(body.match):
+            raise ValueError("a field appears twice")
+        outputs = [(output.function_id, output.queue) for output in body.outputs]
+        flow_id = self.device.filters.add_flow(
+            body.priority, fields, outputs, body.to_controller, body.controller_len, body.meter
+        )
+        return {"flow_id": flow_id}
+
+    def _remove_flows(self, body: control.HostRemoveFlows, fds: list[int]) -> object:
+        # Unknown ids are skipped, not refused: a flow may already be gone with its device
+        # state (a restarted host), and the caller wants it gone either way.
+        removed = {}
+        for flow_id in body.flow_ids:
+            try:
+                removed[str(flow_id)] = self.device.filters.remove_flow(flow_id)
+            except UnknownFilter:
+                continue
+        return {"removed": removed}
+
+    def _packet_out(self, body: control.HostPacketOut, fds: list[int]) -> object:
+        frame = bytes.fromhex(body.data)  # ValueError for anything but hex: an error reply
+        now = time.monotonic()
+        device = self.device
+        if body.target == "wire":
+            device.send_to_wire(frame)
+        elif body.target == "table":
+            device.receive_from_wire(0, now, [frame])
+        elif body.target == "local":
+            for reply in device.default.handle(frame, now):
+                device.send_to_wire(reply)
+        else:
+            if not self._function(body.function_id).deliver(body.queue, frame, now):
+                raise ValueError(f"function {body.function_id} queue {body.queue} did not take the frame")
+            device.raise_irqs_of(body.function_id)
         return None
 
     def _set_rate(self, body: control.HostSetRate, fds: list[int]) -> object:
