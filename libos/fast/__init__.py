@@ -25,9 +25,12 @@ class FastPathMissing(ImportError):
     """The compiled module is not built and the pure path was not asked for."""
 
 
-def _load() -> tuple[Any, Any]:
-    if PURE:
-        return None, None
+def compiled() -> tuple[Any, Any]:
+    """The compiled module's ``(ffi, lib)``, whatever ARRAKIS_PURE says.
+
+    For the differential tests and benchmarks, which run the pure path and the compiled one
+    side by side in one process; the libOS itself goes by ``ENABLED``.
+    """
     name = "libos.fast._arx_fast_san" if SANITIZE else "libos.fast._arx_fast"
     try:
         module = importlib.import_module(name)
@@ -38,6 +41,12 @@ def _load() -> tuple[Any, Any]:
             f"or `python -m libos.fast.build{flag}`, or set ARRAKIS_PURE=1 for the pure-Python path"
         ) from exc
     return module.ffi, module.lib
+
+
+def _load() -> tuple[Any, Any]:
+    if PURE:
+        return None, None
+    return compiled()
 
 
 ffi, lib = _load()
