@@ -103,13 +103,16 @@ class FakeNic:
 
 class World:
     """A NetStack and a TcpLayer, on the pure path (``compiled`` None) or the compiled one
-    (``compiled`` = ``libos.fast.compiled()``)."""
+    (``compiled`` = ``libos.fast.compiled()``), there with header prediction unless
+    ``predict`` is False."""
 
-    def __init__(self, config: TcpConfig, compiled: tuple[Any, Any] | None) -> None:
+    def __init__(self, config: TcpConfig, compiled: tuple[Any, Any] | None, predict: bool = True) -> None:
         arp: ArpCache[bytearray] = ArpCache(lifetime=1e9, refresh_margin=1.0)
         self.stack = NetStack(OUR_MAC, OUR_IP, 24, arp_cache=arp)
         arp.update(PEER_IP, PEER_MAC, 0.0, create=True)
-        self.tcp = TcpLayer(config, isn_key=ISN_KEY, rng=random.Random(0))
+        self.tcp = TcpLayer(
+            config, isn_key=ISN_KEY, rng=random.Random(0), fast_path=compiled if predict else None
+        )
         self.wire: list[bytes] = []
         self.stack.register_ip_protocol(PROTO_TCP, self._ip_input)
         self.nic: FakeNic | None = None
@@ -123,8 +126,8 @@ class World:
     def _ip_input(self, packet: Ipv4Packet, raw: bytes, now: float) -> None:
         self.tcp.segment_received(packet.src, packet.dst, packet.payload, now)
 
-    def _verified_input(self, src_ip: bytes, dst_ip: bytes, segment: memoryview, now: float) -> None:
-        self.tcp.segment_received(src_ip, dst_ip, segment, now, True)
+    def _verified_input(self, src_ip: bytes, dst_ip: bytes, frame: bytes, end: int, now: float) -> None:
+        self.tcp.frame_received(src_ip, dst_ip, frame, end, now)
 
     def deliver(self, frames: list[bytes], now: float) -> None:
         """One RX burst, then one turn of the runtime."""
@@ -216,8 +219,12 @@ def snapshot(conn: TcpConnection) -> dict[str, object]:
 
 
 def layer_state(world: World) -> dict[str, object]:
+    """The layer's counters (but ``predicted``, which only says which path a segment
+    took), its connections and its next deadline."""
+    counters = world.tcp.counters.as_dict()
+    del counters["predicted"]
     return {
-        "tcp_counters": world.tcp.counters.as_dict(),
+        "tcp_counters": counters,
         "stack_counters": asdict(world.stack.counters),
         "connections": world.tcp.connection_count,
         "deadline": world.tcp.next_deadline(),

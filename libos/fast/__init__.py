@@ -8,6 +8,9 @@ module is an error at import, never a silent fall back to the slow path.
 (``python -m libos.fast.build --sanitize``; the interpreter must then run with the ASan
 runtime preloaded, ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
 
+``ARRAKIS_TCP_PREDICT=0`` keeps the compiled RX burst and segment writer but turns TCP
+header prediction off (connections then keep their state in Python, as on the pure path).
+
 ``lib`` and ``ffi`` are None on the pure path; callers test ``ENABLED``.
 """
 
@@ -19,6 +22,7 @@ from typing import Any, Final
 
 PURE: Final = os.environ.get("ARRAKIS_PURE", "") not in ("", "0")
 SANITIZE: Final = os.environ.get("ARRAKIS_FAST_SANITIZE", "") not in ("", "0")
+TCP_PREDICT: Final = os.environ.get("ARRAKIS_TCP_PREDICT", "1") not in ("", "0")
 
 
 class FastPathMissing(ImportError):
