@@ -6,7 +6,7 @@ peer's segments, hostile ones included (bad checksums, lying lengths and data of
 truncated or odd options, segments out of the window, overlapping or ahead of a hole, RST
 and SYN inside the window, acknowledgments of data never sent, zero windows, any flag
 byte), the application reading, writing and closing, and time passing. The same scenario
-runs in two worlds (``tests/tcp_worlds.py``) that differ only in the path; after every step
+runs in two worlds (``tools/tcp_worlds.py``) that differ only in the path; after every step
 their frames on the wire must be equal byte for byte, and so must the bytes delivered to
 the application, the events, the connection's state and every counter.
 
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from libos import fast
 from libos.net.tcp import TcpConfig, TcpState
-from tests.tcp_worlds import PEER_IP, PEER_PORT, PORT, World, frame, layer_state, snapshot
+from tools.tcp_worlds import PEER_IP, PEER_PORT, PORT, World, frame, layer_state, snapshot
 from vdev.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 COMPILED: tuple[Any, Any] | None

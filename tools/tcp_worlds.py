@@ -9,7 +9,8 @@ TX buffers, both over a fake ring in ordinary memory instead of a device's DMA r
 Everything that leaves either world is collected on ``wire`` as whole Ethernet frames.
 
 ``frame`` builds the peer's frames, hostile ones included; ``snapshot`` is every piece of
-connection state a differential test compares.
+connection state a differential test compares. Used by ``tests/test_tcp_fast_diff.py`` and
+the micro-benchmark ``tools/bench_tcp_rx.py``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class FakeNic:
     def receive(self, frames: list[bytes]) -> tuple[list[bytes], list[int]]:
         """Complete ``frames`` on the RX ring (at most a ring's worth) and take them with the
         C burst, as ``VnicDriver._receive_fast`` does."""
-        assert len(frames) <= RING
+        if len(frames) > RING:
+            raise ValueError(f"a burst holds at most {RING} frames")
         for k, frame in enumerate(frames):
             slot = (self.rx_start + k) % RING
             length = min(len(frame), BUF)
@@ -76,7 +78,8 @@ class FakeNic:
             self.rx_descs, RING - 1, self.rx_bufs, RING * BUF, 0x1000, BUF, self.rx_start,
             len(frames), self.arena_ptr, len(self.arena), self.lengths, self.kinds, self.errors,
         )  # fmt: skip
-        assert count == len(frames)
+        if count != len(frames):
+            raise RuntimeError(f"the RX burst took {count} of {len(frames)} completed frames")
         self.rx_start = (self.rx_start + len(frames)) & 0xFFFFFFFF
         taken = [bytes(self.arena[i * BUF : i * BUF + self.lengths[i]]) for i in range(count)]
         return taken, list(self.kinds[0:count])
