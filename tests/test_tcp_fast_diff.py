@@ -16,7 +16,11 @@ pure world is the libOS's own path and the compiled world loads the module direc
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +39,10 @@ except fast.FastPathMissing:  # pragma: no cover - the set-up builds it
     COMPILED = None
 
 pytestmark = pytest.mark.skipif(COMPILED is None, reason="libos.fast is not built")
+
+REPO = Path(__file__).resolve().parent.parent
+# Fewer examples in the sanitizer run, where every C call costs several times more.
+EXAMPLES = int(os.environ.get("TCPDIFF_EXAMPLES", "300"))
 
 
 @dataclass(frozen=True)
@@ -299,7 +307,7 @@ def run_scenario(scenario: Scenario, predict: bool = True) -> Duo:
 
 @pytest.mark.parametrize("predict", [True, False], ids=["prediction", "no-prediction"])
 @given(scenario=_scenario)
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_compiled_endpoint_matches_the_pure_one(predict: bool, scenario: Scenario) -> None:
     run_scenario(scenario, predict)
 
@@ -333,3 +341,29 @@ def test_in_order_exchange_matches(active: bool, sack: bool, window_scale: int |
     # differs from the SYN's unscaled one).
     assert duo.compiled.tcp.counters.predicted >= 6 * 3 - 1
     assert duo.pure.tcp.counters.predicted == 0
+
+
+def test_sanitized_build_passes_the_differential_test() -> None:
+    """The same differential test against the AddressSanitizer/UBSan build of libos.fast."""
+    built = subprocess.run([sys.executable, "-m", "libos.fast.build", "--sanitize"], cwd=REPO,
+                           env=dict(os.environ, ARRAKIS_PURE="1"), capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    assert os.path.exists(libasan), "gcc's libasan.so is missing"
+    env = dict(os.environ, ARRAKIS_FAST_SANITIZE="1", LD_PRELOAD=libasan, TCPDIFF_EXAMPLES="100",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    env.pop("ARRAKIS_PURE", None)
+    result = subprocess.run(
+        # --noconftest: the suite's session hooks run system tools, which must not inherit
+        # the libasan preload (they hang under it); this module needs no fixture from there.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__,
+         "-k", "not sanitized", "-o", "addopts="],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import libos.fast as f; print(f.compiled()[1])"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    assert "_arx_fast_san" in loaded.stdout + loaded.stderr, loaded
