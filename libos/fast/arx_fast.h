@@ -58,15 +58,16 @@ long arx_tx_tcp(struct arx_desc *descs, uint32_t mask, uint8_t *bufs, size_t buf
 /* Header prediction (RFC 9293 3.10.7.4 in the fast case; Van Jacobson, "4BSD header
  * prediction", 1990).
  *
- * The sequence variables of one connection's control block live in this struct, and the
- * Python state machine reads and writes them here too (libos.net.tcp.control_block
- * SharedControlBlock): there is one copy. Python owns the memory (cffi ffi.new); C sees it
- * only during arx_tcp_predict. Sequence numbers are modulo 2**32 (RFC 9293 3.4). */
+ * The sequence variables of one connection's control block that prediction needs live in
+ * this struct, and the Python state machine reads and writes them here too
+ * (libos.net.tcp.control_block SharedControlBlock): there is one copy. C only reads
+ * `state` (Python writes it, with the enum beside it in Python). Python owns the memory
+ * (cffi ffi.new); C sees it only during arx_tcp_predict. Sequence numbers are modulo
+ * 2**32 (RFC 9293 3.4). */
 #define ARX_TCP_ESTABLISHED 3   /* the only state C acts in; the codes are Python's */
 
 struct arx_tcb {
     uint32_t snd_una;
-    uint32_t snd_nxt;
     uint32_t snd_max;
     uint32_t snd_wnd;    /* scaled: at most 65535 << 14 */
     uint32_t snd_wl1;
