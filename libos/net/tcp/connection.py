@@ -45,8 +45,8 @@ from libos.net.tcp.types import (
 )
 from vdev.wire.tcp import TcpSegment
 
-# arx_fast.h: ARX_PREDICT_WINDOW_UPDATE
-_PREDICT_WINDOW_UPDATE: Final = 1
+# arx_fast.h's ARX_PREDICT_WINDOW_UPDATE (the layer checks that they agree).
+PREDICT_WINDOW_UPDATE: Final = 1
 
 
 class StackHooks(Protocol):
@@ -356,7 +356,7 @@ class TcpConnection:
             return False
         if not predict(self._shared, frame, len(frame), summary):
             return False
-        sender.predicted_ack(summary.ack, summary.acked, summary.flags & _PREDICT_WINDOW_UPDATE, now)
+        sender.predicted_ack(summary.ack, summary.acked, summary.flags & PREDICT_WINDOW_UPDATE, now)
         length = summary.payload_len
         if length:
             receiver.predicted_text(frame, summary.payload_offset, length, now)

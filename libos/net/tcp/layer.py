@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from libos import fast
-from libos.net.tcp.connection import TcpConnection
+from libos.net.tcp.connection import PREDICT_WINDOW_UPDATE, TcpConnection
 from libos.net.tcp.control_block import STATE_CODES
 from libos.net.tcp.isn import IsnGenerator
 from libos.net.tcp.seq import seq_add
@@ -122,15 +122,18 @@ class TcpLayer:
         self._last_now = 0.0
         self._challenge_window_start = float("-inf")
         self._challenge_count = 0
-        # Header prediction in C (``use_compiled``): the cffi module, its prediction call
-        # and the one summary record it fills.
+        # Header prediction in C (``fast_path``): the cffi module, its prediction call and
+        # the one summary record it fills.
         self._ffi: Any = None
         self._predict: Any = None
         self._summary: Any = None
         if fast_path is not None:
             ffi, lib = fast_path
-            if lib.ARX_TCP_ESTABLISHED != STATE_CODES[TcpState.ESTABLISHED]:
-                raise RuntimeError("libos.fast and libos.net.tcp disagree on the state codes: rebuild")
+            if (
+                lib.ARX_TCP_ESTABLISHED != STATE_CODES[TcpState.ESTABLISHED]
+                or lib.ARX_PREDICT_WINDOW_UPDATE != PREDICT_WINDOW_UPDATE
+            ):
+                raise RuntimeError("libos.fast and libos.net.tcp disagree on their constants: rebuild")
             self._ffi = ffi
             self._predict = lib.arx_tcp_predict
             self._summary = ffi.new("struct arx_tcp_summary *")
