@@ -43,7 +43,7 @@ PATHS = ("pure", "compiled", "predicted")
 
 def _world(path: str) -> World:
     compiled = None if path == "pure" else fast.compiled()
-    config = TcpConfig(recv_buffer=1 << 20, send_buffer=1 << 22)
+    config = TcpConfig(recv_buffer=1 << 20, send_buffer=1 << 24)  # room for every ACKed segment
     world = World(config, compiled, predict=path == "predicted")
     world.tcp.listen(PORT)
     world.deliver([frame(1000, 0, SYN, 65535, b"", b"\x02\x04\x05\xb4")], 0.0)
