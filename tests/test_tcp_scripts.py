@@ -370,6 +370,24 @@ def test_overlapping_retransmission_is_trimmed() -> None:
     assert conn.recv(100) == b"0123456789abcde"
 
 
+def test_fin_past_the_window_is_not_taken() -> None:
+    # RFC 9293 3.10.7.4: text past the window is trimmed, and a FIN after that text lies
+    # past the window too; it counts only once the peer sends it again inside the window.
+    script = Script(TcpConfig(recv_buffer=1000, msl=10.0))
+    conn = script.passive_open()
+    seq = PEER_ISN + 1
+    script.inject("FP.", seq, script.iss + 1, payload=b"a" * 1000 + b"b" * 500)
+    script.expect((".", script.iss + 1, seq + 1000))  # the window ended at 1000 bytes
+    assert conn.state == TcpState.ESTABLISHED and not conn.fin_received
+    assert conn.recv(2000) == b"a" * 1000
+    script.advance(script.now)
+    script.expect((".", script.iss + 1, seq + 1000))  # the window opened again
+    script.inject("FP.", seq + 1000, script.iss + 1, payload=b"b" * 500)
+    script.expect((".", script.iss + 1, seq + 1501))
+    assert conn.state == TcpState.CLOSE_WAIT and conn.fin_received
+    assert conn.recv(2000) == b"b" * 500
+
+
 def test_passive_close() -> None:
     script = Script()
     conn = script.passive_open()

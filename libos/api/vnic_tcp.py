@@ -105,9 +105,9 @@ class VnicStreams:
             stack.tcp_input_verified = self._verified_input
             self.tcp.direct_send = stack.send_tcp
 
-    def _verified_input(self, src_ip: bytes, dst_ip: bytes, segment: memoryview, now: float) -> None:
+    def _verified_input(self, src_ip: bytes, dst_ip: bytes, frame: bytes, end: int, now: float) -> None:
         self._stale = True
-        self.tcp.segment_received(src_ip, dst_ip, segment, now, True)
+        self.tcp.frame_received(src_ip, dst_ip, frame, end, now)
 
     def ip_input(self, packet: Ipv4Packet, raw: bytes, now: float) -> None:
         """The ``NetStack`` handler for IP protocol 6."""

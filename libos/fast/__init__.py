@@ -8,6 +8,9 @@ module is an error at import, never a silent fall back to the slow path.
 (``python -m libos.fast.build --sanitize``; the interpreter must then run with the ASan
 runtime preloaded, ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
 
+``ARRAKIS_TCP_PREDICT=0`` keeps the compiled RX burst and segment writer but turns TCP
+header prediction off (connections then keep their state in Python, as on the pure path).
+
 ``lib`` and ``ffi`` are None on the pure path; callers test ``ENABLED``.
 """
 
@@ -19,15 +22,19 @@ from typing import Any, Final
 
 PURE: Final = os.environ.get("ARRAKIS_PURE", "") not in ("", "0")
 SANITIZE: Final = os.environ.get("ARRAKIS_FAST_SANITIZE", "") not in ("", "0")
+TCP_PREDICT: Final = os.environ.get("ARRAKIS_TCP_PREDICT", "1") not in ("", "0")
 
 
 class FastPathMissing(ImportError):
     """The compiled module is not built and the pure path was not asked for."""
 
 
-def _load() -> tuple[Any, Any]:
-    if PURE:
-        return None, None
+def compiled() -> tuple[Any, Any]:
+    """The compiled module's ``(ffi, lib)``, whatever ARRAKIS_PURE says.
+
+    For the differential tests and benchmarks, which run the pure path and the compiled one
+    side by side in one process; the libOS itself goes by ``ENABLED``.
+    """
     name = "libos.fast._arx_fast_san" if SANITIZE else "libos.fast._arx_fast"
     try:
         module = importlib.import_module(name)
@@ -38,6 +45,12 @@ def _load() -> tuple[Any, Any]:
             f"or `python -m libos.fast.build{flag}`, or set ARRAKIS_PURE=1 for the pure-Python path"
         ) from exc
     return module.ffi, module.lib
+
+
+def _load() -> tuple[Any, Any]:
+    if PURE:
+        return None, None
+    return compiled()
 
 
 ffi, lib = _load()

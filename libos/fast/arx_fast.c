@@ -13,6 +13,10 @@
 
 static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
 
+static inline uint32_t be32(const uint8_t *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
 static inline void put16(uint8_t *p, uint32_t v) {
     p[0] = (uint8_t)(v >> 8);
     p[1] = (uint8_t)v;
@@ -234,4 +238,73 @@ long arx_tx_tcp(struct arx_desc *descs, uint32_t mask, uint8_t *bufs, size_t buf
     d->status = 0;
     d->reserved = 0;
     return length;
+}
+
+/* Sequence space comparisons (RFC 9293 3.4, RFC 1982): a - b as a signed distance. */
+static inline int32_t seq_diff(uint32_t a, uint32_t b) { return (int32_t)(a - b); }
+
+#define TCP_FLAG_PSH 0x08u
+#define TCP_FLAG_ACK 0x10u
+
+/* The common case of an established connection, decided and done in C: a segment that is
+ * the next in sequence, carries ACK (and maybe PSH) and nothing else, no options (this
+ * stack negotiates no timestamps), does not change the peer's window, fits entirely in
+ * the window we offered, and acknowledges nothing we did not send. For such a segment
+ * every check of RFC 9293 3.10.7.4 has a known outcome: it is acceptable and needs no
+ * trimming (first), has no RST or SYN (second, fourth), its ACK is in range (fifth, with
+ * RFC 5961 5.2) and is not a duplicate ACK (it carries data or moves SND.UNA), its text
+ * is in order (seventh) and there is no FIN (eighth).
+ *
+ * The caller has checked what only Python knows (nothing held for reassembly, no SACK
+ * scoreboard or loss recovery, no FIN queued or pending) and that the frame is IPv4 TCP
+ * addressed to this connection with valid checksums; the lengths are checked again here,
+ * against `length`, so a wrong caller cannot make this read outside the frame.
+ *
+ * On success (1): RCV.NXT has moved past the text, the window-update variables are set as
+ * the fifth check would, and `out` says where the text is and what was acknowledged; the
+ * caller appends the text, moves SND.UNA and does the rest (timers, events, output). On 0
+ * nothing was written anywhere: the segment takes the full Python path. */
+int arx_tcp_predict(struct arx_tcb *tcb, const uint8_t *frame, size_t length,
+                    struct arx_tcp_summary *out) {
+    if (tcb->state != ARX_TCP_ESTABLISHED || length < ETH_LEN + IP_LEN + TCP_LEN)
+        return 0;
+    const uint8_t *ip = frame + ETH_LEN;
+    if (ip[0] != 0x45)
+        return 0;
+    uint32_t total = be16(ip + 2);
+    if (total < IP_LEN + TCP_LEN || total > length - ETH_LEN)
+        return 0;
+    const uint8_t *tcp = ip + IP_LEN;
+    /* Data offset 5 with the reserved bits clear, and exactly ACK or ACK|PSH. */
+    if (tcp[12] != 0x50 || (tcp[13] != TCP_FLAG_ACK && tcp[13] != (TCP_FLAG_ACK | TCP_FLAG_PSH)))
+        return 0;
+    uint32_t seq = be32(tcp + 4);
+    uint32_t ack = be32(tcp + 8);
+    uint32_t window = (uint32_t)be16(tcp + 14) << (tcb->snd_shift & 15u);
+    uint32_t payload_len = total - IP_LEN - TCP_LEN;
+    if (seq != tcb->rcv_nxt || window != tcb->snd_wnd)
+        return 0;
+    int32_t offered = seq_diff(tcb->rcv_adv, tcb->rcv_nxt);
+    if (offered < 0)
+        offered = 0;
+    if (payload_len > (uint32_t)offered)
+        return 0;
+    int32_t acked = seq_diff(ack, tcb->snd_una);
+    if (acked < 0 || seq_diff(ack, tcb->snd_max) > 0)
+        return 0;
+    if (acked == 0 && payload_len == 0)
+        return 0; /* a duplicate ACK or a window probe: Python counts and answers those */
+    uint32_t flags = 0;
+    if (seq_diff(tcb->snd_wl1, seq) < 0 || (tcb->snd_wl1 == seq && seq_diff(ack, tcb->snd_wl2) >= 0)) {
+        tcb->snd_wl1 = seq;
+        tcb->snd_wl2 = ack;
+        flags |= ARX_PREDICT_WINDOW_UPDATE;
+    }
+    tcb->rcv_nxt = seq + payload_len;
+    out->payload_offset = ETH_LEN + IP_LEN + TCP_LEN;
+    out->payload_len = payload_len;
+    out->ack = ack;
+    out->acked = (uint32_t)acked;
+    out->flags = flags;
+    return 1;
 }

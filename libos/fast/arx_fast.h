@@ -55,4 +55,42 @@ long arx_tx_tcp(struct arx_desc *descs, uint32_t mask, uint8_t *bufs, size_t buf
                 uint8_t flags, uint16_t window, const uint8_t *options, size_t options_len,
                 const uint8_t *payload, size_t payload_len);
 
+/* Header prediction (RFC 9293 3.10.7.4 in the fast case; Van Jacobson, "4BSD header
+ * prediction", 1990).
+ *
+ * The sequence variables of one connection's control block that prediction needs live in
+ * this struct, and the Python state machine reads and writes them here too
+ * (libos.net.tcp.control_block SharedControlBlock): there is one copy. C only reads
+ * `state` (Python writes it, with the enum beside it in Python). Python owns the memory
+ * (cffi ffi.new); C sees it only during arx_tcp_predict. Sequence numbers are modulo
+ * 2**32 (RFC 9293 3.4). */
+#define ARX_TCP_ESTABLISHED 3   /* the only state C acts in; the codes are Python's */
+
+struct arx_tcb {
+    uint32_t snd_una;
+    uint32_t snd_max;
+    uint32_t snd_wnd;    /* scaled: at most 65535 << 14 */
+    uint32_t snd_wl1;
+    uint32_t snd_wl2;
+    uint32_t rcv_nxt;
+    uint32_t rcv_adv;    /* the right edge of the window we offered */
+    uint8_t state;       /* libos.net.tcp.control_block.STATE_CODES */
+    uint8_t snd_shift;   /* the peer's window scale */
+    uint8_t reserved[2];
+};
+
+/* What a predicted segment left for Python to finish. */
+#define ARX_PREDICT_WINDOW_UPDATE 1    /* SND.WL1/WL2 moved (RFC 9293 3.10.7.4, fifth) */
+
+struct arx_tcp_summary {
+    uint32_t payload_offset;   /* in the frame */
+    uint32_t payload_len;      /* appended at the old RCV.NXT, which moved past it */
+    uint32_t ack;              /* SEG.ACK; SND.UNA is Python's to move */
+    uint32_t acked;            /* SEG.ACK - SND.UNA: bytes of ours newly acknowledged */
+    uint32_t flags;            /* ARX_PREDICT_* */
+};
+
+int arx_tcp_predict(struct arx_tcb *tcb, const uint8_t *frame, size_t length,
+                    struct arx_tcp_summary *out);
+
 #endif

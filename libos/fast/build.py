@@ -32,9 +32,11 @@ def _cdef() -> str:
     for line in HEADER.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
-            if stripped.startswith("#define ARX_KIND_"):
-                name, value = stripped.split()[1:3]
-                lines.append(f"#define {name} {value}")
+            if stripped.startswith("#define ARX_"):
+                # Integer constants go to Python as lib.ARX_*; the include guard does not.
+                parts = stripped.split()
+                if len(parts) >= 3 and parts[2].isdigit():
+                    lines.append(f"#define {parts[1]} {parts[2]}")
             continue
         lines.append(line)
     return "\n".join(lines)

@@ -38,8 +38,9 @@ from vdev.wire.tcp import NO_OPTIONS, TcpSegment
 TcpWriter = Callable[
     [bytes, int, int, int, int, int, int, int, int, bytes, "bytes | bytearray | memoryview"], bool
 ]
-# A TCP segment whose IPv4 and TCP checksums C has verified: (src IP, dst IP, segment, now).
-VerifiedTcpInput = Callable[[bytes, bytes, memoryview, float], None]
+# A frame carrying a TCP segment whose IPv4 and TCP checksums C has verified, with a 20-byte
+# IPv4 header: (src IP, dst IP, frame, end of the segment in the frame, now).
+VerifiedTcpInput = Callable[[bytes, bytes, bytes, int, float], None]
 _TCP_HEADERS_RX = fastpath.IPV4_HEADERS_RX
 
 IpHandler = Callable[[ipv4.Ipv4Packet, bytes, float], None]
@@ -249,7 +250,7 @@ class NetStack:
                     counters = self.counters
                     counters.ethernet.rx_frames += 1
                     counters.ipv4.rx_packets += 1
-                    verified_input(src_ip, dst_ip, memoryview(frame)[34 : 14 + total_length], now)
+                    verified_input(src_ip, dst_ip, frame, 14 + total_length, now)
                     continue
             self.receive(frame, now)
 

@@ -246,8 +246,10 @@ class Arrival:
             else:
                 self._counters.drop_state += 1
 
-        # Eighth: FIN.
-        if flags & FIN:
+        # Eighth: FIN. The segment's flags after trimming, not ``flags``: a FIN past the
+        # window (or already taken) was cut with the text around it and must not count,
+        # or we would take a FIN at our window's edge and lose the bytes behind it.
+        if seg.flags & FIN:
             self._receiver.fin_at(seq_add(seg.seq, len(seg.payload)), now)
 
     def _acceptable(self, seg: TcpSegment, window: int) -> bool:

@@ -24,11 +24,11 @@ TIME-WAIT 4-tuple by a new SYN (RFC 6191: such a SYN gets a challenge ACK).
 from __future__ import annotations
 
 from functools import partial
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from libos.net.tcp.arrival import Arrival
 from libos.net.tcp.congestion import NewReno
-from libos.net.tcp.control_block import ControlBlock
+from libos.net.tcp.control_block import ControlBlock, SharedControlBlock
 from libos.net.tcp.lifecycle import Lifecycle, Notice
 from libos.net.tcp.reassembly import Reassembler
 from libos.net.tcp.receiver import Receiver, window_shift
@@ -44,6 +44,9 @@ from libos.net.tcp.types import (
     TcpState,
 )
 from vdev.wire.tcp import TcpSegment
+
+# arx_fast.h's ARX_PREDICT_WINDOW_UPDATE (the layer checks that they agree).
+PREDICT_WINDOW_UPDATE: Final = 1
 
 
 class StackHooks(Protocol):
@@ -80,7 +83,10 @@ class TcpConnection:
         iss: int,
         *,
         passive: bool,
+        shared: Any = None,
     ) -> None:
+        """``shared``: a cffi ``struct arx_tcb *`` to hold the sequence variables, on the
+        compiled path (header prediction); None keeps them in Python."""
         self._stack = stack
         self.local_ip = local_ip
         self.local_port = local_port
@@ -88,7 +94,8 @@ class TcpConnection:
         self.remote_port = remote_port
         self.passive = passive
         counters = stack.counters
-        tcb = ControlBlock(iss, window_shift(config.recv_buffer))
+        shift = window_shift(config.recv_buffer)
+        tcb = ControlBlock(iss, shift) if shared is None else SharedControlBlock(iss, shift, shared)
         timers = Timers()
         # What the parts leave for the layer during an entry point, in order; handed on
         # by ``_tell_layer`` before the entry point returns. (The parts do not hold this
@@ -122,6 +129,7 @@ class TcpConnection:
             notify=notify,
         )
         self._tcb = tcb
+        self._shared = shared
         self._timers = timers
         self._lifecycle = lifecycle
         self._receiver = receiver
@@ -332,6 +340,31 @@ class TcpConnection:
             self._stack.reschedule(self, self._timers.earliest())
         if self._notices:
             self._tell_layer()
+
+    def predicted_arrival(self, frame: bytes, predict: Any, summary: Any, now: float) -> bool:
+        """Header prediction (the compiled path): ``predict`` is ``arx_tcp_predict``, which
+        takes the segment in ``frame`` if it is the common case of RFC 9293 3.10.7.4 and
+        leaves ``summary``; the rest of what ``segment_arrived`` would do for it happens
+        here, in the same order. False when the segment must take ``segment_arrived``.
+
+        Prediction needs a ``shared`` control block; what only Python knows is checked
+        first (C sees just the struct): no reassembly, SACK scoreboard, recovery or FIN.
+        """
+        receiver = self._receiver
+        sender = self._sender
+        if self._shared is None or not (receiver.prediction_ok() and sender.prediction_ok()):
+            return False
+        if not predict(self._shared, frame, len(frame), summary):
+            return False
+        sender.predicted_ack(summary.ack, summary.acked, summary.flags & PREDICT_WINDOW_UPDATE, now)
+        length = summary.payload_len
+        if length:
+            receiver.predicted_text(frame, summary.payload_offset, length, now)
+        sender.output(now)
+        self._stack.reschedule(self, self._timers.earliest())
+        if self._notices:
+            self._tell_layer()
+        return True
 
     def flush(self, now: float) -> None:
         """Send what the application queued since the last call."""

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import heapq
 import random
+import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
-from libos.net.tcp.connection import TcpConnection
+from libos import fast
+from libos.net.tcp.connection import PREDICT_WINDOW_UPDATE, TcpConnection
+from libos.net.tcp.control_block import STATE_CODES
 from libos.net.tcp.isn import IsnGenerator
 from libos.net.tcp.seq import seq_add
 from libos.net.tcp.types import TcpConfig, TcpCounters, TcpEvent, TcpState
@@ -38,6 +41,12 @@ EPHEMERAL_PORTS: Final = range(49152, 65536)
 MAX_BACKLOG: Final = 65535
 
 FourTuple = tuple[bytes, int, bytes, int]
+# What a layer runs on unless told otherwise: the compiled module with header prediction,
+# unless ARRAKIS_PURE=1 or ARRAKIS_TCP_PREDICT=0 (see libos.fast).
+DEFAULT_FAST_PATH: Final = (fast.ffi, fast.lib) if fast.ENABLED and fast.TCP_PREDICT else None
+# The TCP ports of a frame with a 20-byte IPv4 header.
+_PORTS: Final = struct.Struct("!HH")
+_TCP_OFFSET: Final = 34
 # Rebuild the timer heap once stale entries outnumber live ones by this much.
 _HEAP_SLACK: Final = 64
 
@@ -81,7 +90,10 @@ class TcpLayer:
         *,
         isn_key: bytes | None = None,
         rng: random.Random | None = None,
+        fast_path: tuple[Any, Any] | None = DEFAULT_FAST_PATH,
     ) -> None:
+        """``fast_path``: the compiled module's ``(ffi, lib)`` for header prediction and
+        control blocks in C, or None for the pure-Python path."""
         self.config = config if config is not None else TcpConfig()
         self.counters = TcpCounters()
         self.outbox: list[tuple[bytes, bytes, bytes]] = []
@@ -110,6 +122,30 @@ class TcpLayer:
         self._last_now = 0.0
         self._challenge_window_start = float("-inf")
         self._challenge_count = 0
+        # Header prediction in C (``fast_path``): the cffi module, its prediction call and
+        # the one summary record it fills.
+        self._ffi: Any = None
+        self._predict: Any = None
+        self._summary: Any = None
+        if fast_path is not None:
+            ffi, lib = fast_path
+            if (
+                lib.ARX_TCP_ESTABLISHED != STATE_CODES[TcpState.ESTABLISHED]
+                or lib.ARX_PREDICT_WINDOW_UPDATE != PREDICT_WINDOW_UPDATE
+            ):
+                raise RuntimeError("libos.fast and libos.net.tcp disagree on their constants: rebuild")
+            self._ffi = ffi
+            self._predict = lib.arx_tcp_predict
+            self._summary = ffi.new("struct arx_tcp_summary *")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether connections keep their state in C and header prediction runs."""
+        return self._predict is not None
+
+    def _new_shared(self) -> Any:
+        ffi = self._ffi
+        return None if ffi is None else ffi.new("struct arx_tcb *")
 
 
     def listen(self, port: int, backlog: int = 128, local_ip: bytes | None = None) -> TcpListener:
@@ -166,7 +202,8 @@ class TcpLayer:
             raise OSError("address already in use for this remote endpoint")
         iss = self._isn.isn(local_ip, local_port, remote_ip, remote_port, now)
         conn = TcpConnection(
-            self, self.config, local_ip, local_port, remote_ip, remote_port, iss, passive=False
+            self, self.config, local_ip, local_port, remote_ip, remote_port, iss, passive=False,
+            shared=self._new_shared(),
         )
         self._add_connection(key, conn)
         conn.open_active(now)
@@ -229,6 +266,24 @@ class TcpLayer:
             self._reset_unknown(src_ip, dst_ip, seg)
             return
         self._listen_input(listener, src_ip, dst_ip, seg, now)
+
+    def frame_received(self, src_ip: bytes, dst_ip: bytes, frame: bytes, end: int, now: float) -> None:
+        """A whole Ethernet frame whose IPv4 header (20 bytes, ending at 34) and TCP
+        checksum C verified; the segment ends at ``end``. On the compiled path the
+        connection first tries header prediction; everything else, and every segment on
+        the pure path, goes to ``segment_received`` unchanged."""
+        predict = self._predict
+        if predict is not None and type(frame) is bytes and end >= _TCP_OFFSET + 4:
+            src_port, dst_port = _PORTS.unpack_from(frame, _TCP_OFFSET)
+            conn = self._connections.get((dst_ip, dst_port, src_ip, src_port))
+            if conn is not None:
+                self._last_now = now  # the clock of what the connection sends
+                if conn.predicted_arrival(frame, predict, self._summary, now):
+                    counters = self.counters
+                    counters.segments_in += 1
+                    counters.predicted += 1
+                    return
+        self.segment_received(src_ip, dst_ip, memoryview(frame)[_TCP_OFFSET:end], now, True)
 
     def next_deadline(self) -> float | None:
         """When ``on_timer`` must next run; a time already past if output is pending."""
@@ -367,7 +422,8 @@ class TcpLayer:
             return
         iss = self._isn.isn(dst_ip, seg.dst_port, src_ip, seg.src_port, now)
         conn = TcpConnection(
-            self, self.config, dst_ip, seg.dst_port, src_ip, seg.src_port, iss, passive=True
+            self, self.config, dst_ip, seg.dst_port, src_ip, seg.src_port, iss, passive=True,
+            shared=self._new_shared(),
         )
         self._add_connection(conn.four_tuple, conn)
         self._listener_of[conn] = listener

@@ -129,6 +129,28 @@ class Receiver:
         elif self._timers.delayed_ack is None:
             self._timers.delayed_ack = now + self._config.delayed_ack
 
+    def prediction_ok(self) -> bool:
+        """Whether an in-order segment would take only the plain branch of ``receive``:
+        nothing held for reassembly, no FIN waiting behind a hole."""
+        return not self.reassembly and self._ooo_fin_seq is None
+
+    def predicted_text(self, frame: bytes, offset: int, length: int, now: float) -> None:
+        """``receive`` for text that header prediction found in order (``prediction_ok``
+        held) and for which C already moved RCV.NXT: the same buffer, event and ACK
+        decisions, without the segment object."""
+        buffer = self.buffer
+        was_empty = not buffer
+        with memoryview(frame) as view:
+            buffer += view[offset : offset + length]
+        if was_empty:
+            self._notify(DataReadable())
+        tcb = self._tcb
+        tcb.segments_unacked += 1
+        if tcb.segments_unacked >= 2:
+            tcb.ack_now = True
+        elif self._timers.delayed_ack is None:
+            self._timers.delayed_ack = now + self._config.delayed_ack
+
     def fin_at(self, fin_seq: int, now: float) -> None:
         """A FIN occupies ``fin_seq``: RFC 9293 3.10.7.4, eighth check. Taken now if it is
         next in sequence; held if text before it is missing."""

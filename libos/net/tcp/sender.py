@@ -432,6 +432,23 @@ class Sender:
         if scoreboard and tcb.state in OUTPUT_STATES:
             self._sack_recovery(now)
 
+    def prediction_ok(self) -> bool:
+        """Whether an ACK would take only the plain branches of ``on_ack``: no SACK
+        scoreboard, no loss recovery, no FIN of ours queued."""
+        return not self._scoreboard and not self.congestion.in_recovery and self._tcb.fin_seq is None
+
+    def predicted_ack(self, ack: int, acked: int, window_updated: bool, now: float) -> None:
+        """``on_ack`` for a segment header prediction took (``prediction_ok`` held, the
+        window unchanged, SND.WL1 and SND.WL2 already moved by C)."""
+        self._persist_probes = 0
+        if acked:
+            self.ack_advanced(ack, now)
+        tcb = self._tcb
+        if tcb.sack_ok:
+            self._scoreboard.advance(tcb.snd_una)  # what ``update`` does with no blocks
+        if window_updated and tcb.snd_wnd:
+            self._timers.persist = None
+
     def ack_advanced(self, ack: int, now: float) -> None:
         """SND.UNA moves to ``ack``: free buffer, sample RTT, drive NewReno and the RTO."""
         tcb = self._tcb

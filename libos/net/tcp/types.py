@@ -102,6 +102,7 @@ class TcpCounters:
 
     segments_in: int = 0
     segments_out: int = 0
+    predicted: int = 0  # of segments_in: taken by header prediction in C (compiled path)
     retransmits: int = 0
     fast_retransmits: int = 0
     lost_retransmits: int = 0  # a retransmission found lost by SACK, resent before the RTO
