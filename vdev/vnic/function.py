@@ -20,6 +20,7 @@ from vdev import layout
 from vdev.dma import DmaFault
 from vdev.function_base import DeviceFunction
 from vdev.ring import DeviceRing
+from vdev.vnic.rss import RssSteering
 from vdev.ratelimit import TokenBucket, default_burst_bytes
 
 RX_POLICER_WINDOW = 0.05  # seconds of traffic the receive policer lets through at once
@@ -80,6 +81,7 @@ class VnicFunction(DeviceFunction):
         self.counters = FunctionCounters()
         self.rx_rings: list[DeviceRing | None] = [None] * config.num_queues
         self.tx_rings: list[DeviceRing | None] = [None] * config.num_queues
+        self.rss = RssSteering(config.num_queues)
         super().__init__(layout.VNIC_MAX_FRAME)
         self.rx_limit: TokenBucket | None = None
         self.tx_limit: TokenBucket | None = None
@@ -114,6 +116,7 @@ class VnicFunction(DeviceFunction):
         enable bits whenever it is woken and on every idle-to-busy transition.
         """
         regs = self.regs
+        self.rss.sync(regs, self._bar)
         for queue in range(self.num_queues):
             for direction, rings in ((layout.RX, self.rx_rings), (layout.TX, self.tx_rings)):
                 ring_index = layout.vnic_ring_index(queue, direction)
@@ -149,7 +152,9 @@ class VnicFunction(DeviceFunction):
     # ---- data path ------------------------------------------------------------------
 
     def deliver(self, queue: int, frame: bytes, now: float) -> bool:
-        """Put one received frame into the next RX buffer of ``queue``; False if dropped."""
+        """Put one received frame into the next RX buffer of ``queue`` (the filter's; RSS
+        may pick another of this function's queues for it); False if dropped."""
+        queue = self.rss.queue_for(frame, queue)
         counters = self.counters
         rx_limit = self.rx_limit
         if rx_limit is not None and not rx_limit.try_consume(len(frame), now):
