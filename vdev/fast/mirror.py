@@ -197,11 +197,15 @@ class FastPath:
             c_ring.size = ring.size
             c_ring.cons = ring.cons
 
-    def _store_back(self, device: VnicDevice, slot: int, function: VnicFunction, rx: bool) -> None:
+    def _store_back(self, device: VnicDevice, slot: int, function: VnicFunction, rx: bool, tx_queue: int = -1) -> None:
         fn = self._fns[slot]
         rings = function.rx_rings if rx else function.tx_rings
         c_rings = fn.rx if rx else fn.tx
         for queue in range(fn.nqueues):
+            if not rx and queue != tx_queue:
+                # A TX burst loads one ring: the other C rings still hold an earlier
+                # burst's cons, which must not move the model's rings back.
+                continue
             ring = rings[queue]
             if ring is not None and c_rings[queue].size:
                 ring.cons = c_rings[queue].cons
@@ -333,7 +337,7 @@ class FastPath:
                 done = self.lib.vf_tx_burst(
                     dev, slot, queue, budget - total, self._tx_out, self._tx_out_size, self._tx_lens, self._tx_sent, fd
                 )
-                self._store_back(device, slot, function, False)
+                self._store_back(device, slot, function, False, queue)
             finally:
                 self._release()
             if done and fd < 0:
