@@ -307,3 +307,22 @@ def test_each_tx_queue_sends_its_frames_once(world: MultiQueueWorld) -> None:
     finally:
         for ring in tx_rings:
             ring.descs.release()
+
+
+@pytest.mark.parametrize("queues", [0, -1, 65, 2**32])
+def test_the_control_protocol_refuses_an_impossible_queue_count(queues: int) -> None:
+    from vdev import control
+
+    with pytest.raises(control.ProtocolError):
+        control.OpenVnic(filters=(control.Filter("udp", 5000),), queues=queues)
+
+
+def test_the_device_refuses_more_queues_than_the_register_page_holds() -> None:
+    device = VnicDevice(FakeWire(), NIC_MAC, [NIC_IP])
+    try:
+        with pytest.raises(ValueError):
+            device.add_function(FunctionConfig(function_id=1, mac=FN_MAC, ipv4=FN_IP, num_queues=layout.MAX_RINGS // 2 + 1), [], 1.0)
+        assert device.functions == {}
+        device.add_function(FunctionConfig(function_id=1, mac=FN_MAC, ipv4=FN_IP, num_queues=layout.MAX_RINGS // 2), [], 1.0)
+    finally:
+        device.close()

@@ -153,3 +153,16 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_kernelctl_refuses_a_function_with_too_many_queues(instance: Topology) -> None:
+    """The device host refuses a queue count past what its register page holds; the control
+    plane says so and goes on serving."""
+    from kernelctl.client import ControlError
+
+    with ControlClient(instance.control_socket) as control:
+        with pytest.raises(ControlError):
+            control.open_vnic([("udp", PORT)], queues=31)
+        sock, info = control.open_vnic([("udp", PORT)], queues=2)
+        sock.close()
+        assert info["function_id"] > 0
