@@ -326,3 +326,15 @@ def test_the_device_refuses_more_queues_than_the_register_page_holds() -> None:
         device.add_function(FunctionConfig(function_id=1, mac=FN_MAC, ipv4=FN_IP, num_queues=layout.MAX_RINGS // 2), [], 1.0)
     finally:
         device.close()
+
+
+def test_a_doorbell_makes_the_device_take_a_new_rss_setting(world: MultiQueueWorld) -> None:
+    """Even while the device host is busy (it looks at ring enables only when it wakes)."""
+    regs = world.function.regs
+    world.function.regs.page[layout.REG_RSS_KEY : layout.REG_RSS_KEY + 40] = MS_KEY
+    regs.write32(layout.REG_RSS_TABLE_SIZE, 2)
+    regs.page[layout.REG_RSS_TABLE : layout.REG_RSS_TABLE + 2] = bytes([1, 2])
+    regs.write32(layout.REG_RSS_CONTROL, layout.RSS_ENABLE)
+    assert not world.function.rss.enabled
+    world.function.region_write(layout.BAR0_INDEX, layout.doorbell_offset(1), b"\0\0\0\0")
+    assert world.function.rss.enabled and regs.read32(layout.REG_RSS_STATE) == layout.RSS_STATE_ON

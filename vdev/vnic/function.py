@@ -131,6 +131,14 @@ class VnicFunction(DeviceFunction):
                     rings[queue] = None
                     regs.write32(layout.ring_reg(ring_index, layout.RING_ERROR), 0)
 
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        super().region_write(index, offset, data)
+        if offset >= layout.DOORBELL_PAGE_OFFSET:
+            # A driver that changed its RSS setting rings a doorbell (libOS: set_rss). Look
+            # at the block now: a busy device host looks at ring enables only on waking,
+            # and a worker's queue taken out of the table must stop receiving at once.
+            self.rss.sync(self.regs, self._bar)
+
     def _fail_ring(self, rings: list[DeviceRing | None], queue: int, code: int) -> None:
         ring = rings[queue]
         if ring is not None:
