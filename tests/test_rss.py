@@ -267,7 +267,7 @@ def test_any_register_block_is_safe(block: bytes, frame: bytes) -> None:
 
     regs = Registers(page)
     steering = RssSteering(QUEUES)
-    steering.sync(regs, page)
+    steering.sync(regs)
     for candidate in (frame, udp_frame(PEER_MAC, FN_MAC, frame[:4].ljust(4, b"\0"), FN_IP, 5000, PORT, frame)):
         assert 0 <= steering.queue_for(candidate, 0) < QUEUES
     assert regs.read32(layout.REG_RSS_STATE) in (layout.RSS_STATE_OFF, layout.RSS_STATE_ON, layout.RSS_STATE_REFUSED)

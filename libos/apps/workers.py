@@ -70,7 +70,9 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
                 merged.setdefault(key, value)
             elif isinstance(value, dict):
-                merged[key] = merge_stats([merged.get(key, {}), value]) if isinstance(merged.get(key, {}), dict) else merged[key]
+                previous = merged.get(key, {})
+                if isinstance(previous, dict):
+                    merged[key] = merge_stats([previous, value])
             else:
                 previous = merged.get(key, 0)
                 merged[key] = previous + value if isinstance(previous, (int, float)) else previous

@@ -116,7 +116,7 @@ class VnicFunction(DeviceFunction):
         enable bits whenever it is woken and on every idle-to-busy transition.
         """
         regs = self.regs
-        self.rss.sync(regs, self._bar)
+        self.rss.sync(regs)
         for queue in range(self.num_queues):
             for direction, rings in ((layout.RX, self.rx_rings), (layout.TX, self.tx_rings)):
                 ring_index = layout.vnic_ring_index(queue, direction)
@@ -137,7 +137,7 @@ class VnicFunction(DeviceFunction):
             # A driver that changed its RSS setting rings a doorbell (libOS: set_rss). Look
             # at the block now: a busy device host looks at ring enables only on waking,
             # and a worker's queue taken out of the table must stop receiving at once.
-            self.rss.sync(self.regs, self._bar)
+            self.rss.sync(self.regs)
 
     def _fail_ring(self, rings: list[DeviceRing | None], queue: int, code: int) -> None:
         ring = rings[queue]

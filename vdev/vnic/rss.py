@@ -120,13 +120,9 @@ class RssSteering:
         self._raw: bytes | None = None
         self._hasher: ToeplitzHasher | None = None
 
-    def sync(self, regs: Registers, page: object) -> None:
+    def sync(self, regs: Registers) -> None:
         """Look at the driver's RSS block; act only on a setting that checks out whole."""
-        view = memoryview(page)  # type: ignore[arg-type]  # an mmap, a bytearray or a memoryview
-        try:
-            raw = bytes(view[layout.REG_RSS_CONTROL : layout.RSS_BLOCK_END])  # read once
-        finally:
-            view.release()
+        raw = bytes(regs.page[layout.REG_RSS_CONTROL : layout.RSS_BLOCK_END])  # read once
         if raw == self._raw:
             return
         self._raw = raw
