@@ -410,3 +410,22 @@ def test_sanitized_build_passes_the_differential_test() -> None:
         [sys.executable, "-c", "import vdev.fast as f; print(f.load_module().__name__)"],
         cwd=REPO, env=env, capture_output=True, text=True,
     ).stdout
+
+
+def test_rss_spread_takes_the_compiled_path_and_matches_the_model() -> None:
+    """With RSS on, C picks the queue itself (the same one as the model) for most frames."""
+    ops: list[tuple[object, ...]] = [("rss", 1, 4, bytes([0, 1, 1, 0]) + bytes(124), bytes(range(40)))]
+    for index in range(12):
+        ops.append(("post_rx", "buffer", 2048))
+        ops.append(("wire", udp_frame(PEER_MAC, FN_MAC, PEER_IP, FN_IP, 4000 + index, PORT, b"x")))
+    ops.append(("poll",))
+    pure, fast = run_both(ops)
+    try:
+        assert fast.function.rss.enabled
+        assert fast.device.fast is not None and fast.device.fast.rx_fast_frames == 12
+        rx0, rx1 = fast.function.rx_rings
+        assert rx0 is not None and rx1 is not None and rx0.cons > 0 and rx1.cons > 0
+        assert rx0.cons + rx1.cons == 12
+    finally:
+        pure.close()
+        fast.close()
