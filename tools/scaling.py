@@ -64,7 +64,7 @@ def scaled_server(topo: Topology, target: str, workers: int) -> Iterator[str]:
     cpus = server_cpus(workers)
     if target == "real":
         argv = ["ip", "netns", "exec", topo.linux_netns, "memcached", "-u", "nobody", "-t", str(workers),
-                "-l", topo.linux_ip, "-p", str(MC_PORT), "-U", "0"]
+                "-l", topo.linux_ip, "-p", str(MC_PORT), "-U", "0", "-m", "1024"]  # our store has no cap: no evictions
         host = topo.linux_ip
     else:
         argv = [sys.executable, "-u", "-m", "libos.apps.memcache", "--backend", target, "--instance", topo.tag,
