@@ -94,14 +94,17 @@ class ControlClient:
         rx_bps: int = 0,
         tx_bps: int = 0,
         name: str = "",
+        queues: int = 1,
     ) -> tuple[socket.socket, dict[str, Any]]:
-        """Claim ports and get a function: the socket to speak vfio-user on, and its facts."""
+        """Claim ports and get a function of ``queues`` queue pairs: the socket to speak
+        vfio-user on, and its facts."""
         try:
             body = control.OpenVnic(
                 filters=tuple(control.Filter(proto, port) for proto, port in filters),
                 rx_bps=rx_bps,
                 tx_bps=tx_bps,
                 name=name,
+                queues=queues,
             )
         except control.ProtocolError as exc:
             raise ControlError(f"open_vnic: {exc}") from None

@@ -643,6 +643,7 @@ class Daemon:
                     function_id=function_id,
                     ip=self.topo.vnic_ip,
                     rx_filters=body.filters,
+                    queues=body.queues,
                     rx_bps=body.rx_bps,
                     tx_bps=body.tx_bps,
                     owner_pid=caller.pid,

@@ -47,6 +47,7 @@ OTHER_PORT = 8
 RING_SIZE = 16
 RX_RING_IOVA = 0x10000
 TX_RING_IOVA = RX_RING_IOVA + 0x1000
+RX1_RING_IOVA = RX_RING_IOVA + 0x2000  # queue 1's RX ring: RSS spreads flows over both
 BUFFERS_IOVA = 0x20000  # 32 buffers of 2 KiB, read-write
 RO_IOVA = 0x40000  # one read-only page
 BUFFERS = 32
@@ -109,7 +110,7 @@ class World:
         self.device = VnicDevice(self.wire, NIC_MAC, [NIC_IP])
         self.device.fast = FastPath(RX_BUDGET, TX_BUDGET) if fast else None
         self.now = 1.0
-        config = FunctionConfig(function_id=1, mac=FN_MAC, ipv4=FN_IP)
+        config = FunctionConfig(function_id=1, mac=FN_MAC, ipv4=FN_IP, num_queues=2)
         self.function: VnicFunction = self.device.add_function(
             config, [Match(ip_proto=17, ip=FN_IP, port=PORT)], self.now
         )
@@ -122,8 +123,10 @@ class World:
         self.view = view = memoryview(self.memory)
         self.rx = DriverRing(regs, 0, view[0 : RING_SIZE * 16], RING_SIZE, layout.VNIC_DESC)
         self.tx = DriverRing(regs, 1, view[0x1000 : 0x1000 + RING_SIZE * 16], RING_SIZE, layout.VNIC_DESC)
+        self.rx1 = DriverRing(regs, 2, view[0x2000 : 0x2000 + RING_SIZE * 16], RING_SIZE, layout.VNIC_DESC)
         self.rx.enable(RX_RING_IOVA)
         self.tx.enable(TX_RING_IOVA)
+        self.rx1.enable(RX1_RING_IOVA)
         self.function.sync_rings()
         self.next_buffer = 0
 
@@ -142,9 +145,10 @@ class World:
         if kind == "post_rx":
             _k, where, capacity = op
             assert isinstance(where, str) and isinstance(capacity, int)
-            if self.rx.space() > 0:
-                self.rx.post(self.buffer_iova(where), capacity, 0, 0, 0)
-                self.rx.publish()
+            for rx in (self.rx, self.rx1):
+                if rx.space() > 0:
+                    rx.post(self.buffer_iova(where), capacity, 0, 0, 0)
+                    rx.publish()
         elif kind == "wire":
             _k, frame = op
             assert isinstance(frame, bytes)
@@ -164,11 +168,25 @@ class World:
             assert isinstance(value, int)
             ring = self.rx if which == "rx" else self.tx
             ring.regs.u32[ring._prod_at] = value & 0xFFFFFFFF
+        elif kind == "rss":
+            # The driver's RSS block, hostile settings included (entries past the queue
+            # count, sizes that are no power of two, unknown control bits).
+            _k, control, size, entries, key = op
+            assert isinstance(control, int) and isinstance(size, int)
+            assert isinstance(entries, bytes) and isinstance(key, bytes)
+            regs = self.function.regs
+            regs.write32(layout.REG_RSS_CONTROL, control)
+            regs.write32(layout.REG_RSS_TABLE_SIZE, size)
+            page = regs.page
+            page[layout.REG_RSS_KEY : layout.REG_RSS_KEY + len(key)] = key
+            page[layout.REG_RSS_TABLE : layout.REG_RSS_TABLE + len(entries)] = entries
+            self.function.sync_rings()
         elif kind == "reenable":
-            for ring, iova in ((self.rx, RX_RING_IOVA), (self.tx, TX_RING_IOVA)):
+            rings = ((self.rx, RX_RING_IOVA), (self.tx, TX_RING_IOVA), (self.rx1, RX1_RING_IOVA))
+            for ring, iova in rings:
                 ring.disable()
             self.function.sync_rings()
-            for ring, iova in ((self.rx, RX_RING_IOVA), (self.tx, TX_RING_IOVA)):
+            for ring, iova in rings:
                 ring.prod = ring.reaped = 0
                 ring.enable(iova)
             self.function.sync_rings()
@@ -182,7 +200,7 @@ class World:
                 frame = _good_tx(bytes([index]) * size)
                 self.apply(("post_tx", "buffer", frame, len(frame)))
         elif kind == "reap":
-            for ring in (self.rx, self.tx):
+            for ring in (self.rx, self.tx, self.rx1):
                 ring.reap(ring.completed())
         elif kind == "poll":
             self.now += 0.001
@@ -200,12 +218,14 @@ class World:
             "wire": list(self.wire.sent),
             "rx_cons": None if self.function.rx_rings[0] is None else self.function.rx_rings[0].cons,
             "tx_cons": None if self.function.tx_rings[0] is None else self.function.tx_rings[0].cons,
+            "rx1_cons": None if self.function.rx_rings[1] is None else self.function.rx_rings[1].cons,
         }
 
     def close(self) -> None:
         self.device.close()
         self.rx.descs.release()
         self.tx.descs.release()
+        self.rx1.descs.release()
         self.view.release()
         self.memory.close()
         os.close(self.rw_fd)
@@ -223,6 +243,9 @@ def _good_tx(payload: bytes) -> bytes:
 payloads = st.binary(min_size=0, max_size=64)
 rx_frames = st.one_of(
     payloads.map(_good_rx),
+    st.tuples(st.integers(1, 65535), payloads).map(  # many flows, for RSS to spread
+        lambda a: udp_frame(PEER_MAC, FN_MAC, PEER_IP, FN_IP, a[0], PORT, a[1])
+    ),
     payloads.map(_good_rx),
     payloads.map(lambda p: udp_frame(PEER_MAC, FN_MAC, PEER_IP, FN_IP, 5000, OTHER_PORT, p)),  # default function
     st.just(arp_request(PEER_MAC, PEER_IP, FN_IP)),
@@ -257,6 +280,13 @@ operations = st.one_of(
     ),
     st.tuples(st.just("bad_prod"), st.sampled_from(["rx", "tx"]), st.integers(0, 2**32 - 1)),
     st.just(("reenable",)),
+    st.tuples(
+        st.just("rss"),
+        st.sampled_from([1, 1, 1, 0, 3, 0x80000001]),
+        st.sampled_from([1, 2, 4, 128, 128, 0, 3, 129, 2**32 - 1]),
+        st.binary(min_size=128, max_size=128).map(lambda b: bytes(x % 3 if x < 250 else x for x in b)),
+        st.binary(min_size=40, max_size=40),
+    ),
     st.just(("reap",)),
     st.just(("poll",)),
     st.just(("poll",)),
@@ -375,3 +405,22 @@ def test_sanitized_build_passes_the_differential_test() -> None:
         [sys.executable, "-c", "import vdev.fast as f; print(f.load_module().__name__)"],
         cwd=REPO, env=env, capture_output=True, text=True,
     ).stdout
+
+
+def test_rss_spread_takes_the_compiled_path_and_matches_the_model() -> None:
+    """With RSS on, C picks the queue itself (the same one as the model) for most frames."""
+    ops: list[tuple[object, ...]] = [("rss", 1, 4, bytes([0, 1, 1, 0]) + bytes(124), bytes(range(40)))]
+    for index in range(12):
+        ops.append(("post_rx", "buffer", 2048))
+        ops.append(("wire", udp_frame(PEER_MAC, FN_MAC, PEER_IP, FN_IP, 4000 + index, PORT, b"x")))
+    ops.append(("poll",))
+    pure, fast = run_both(ops)
+    try:
+        assert fast.function.rss.enabled
+        assert fast.device.fast is not None and fast.device.fast.rx_fast_frames == 12
+        rx0, rx1 = fast.function.rx_rings
+        assert rx0 is not None and rx1 is not None and rx0.cons > 0 and rx1.cons > 0
+        assert rx0.cons + rx1.cons == 12
+    finally:
+        pure.close()
+        fast.close()

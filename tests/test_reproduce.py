@@ -99,7 +99,13 @@ def synthetic_results() -> dict[str, Any]:
             "redis_get": {**redis, "status": "ok"},
             "durable_set": {**redis, "status": "ok"},
             "udp_echo": {**udp, "status": "ok"},
-            "memcached_scaling": {"status": "not run", "why": "no queues yet"},
+            "memcached_scaling": {
+                "status": "ok", "workers": [1, 2], "seconds": 2, "connections": 16, "client_cpu": 0,
+                "server_cpus": {"1": [1], "2": [0, 1]}, "speedup": {"vnic": 1.8, "linux": 1.5, "real": 1.9},
+                **{target: [{"workers": 1, "tps": 1e4 * (i + 1), "get_misses": 0.0},
+                            {"workers": 2, "tps": 1.8e4 * (i + 1), "get_misses": 0.0}]
+                   for i, target in enumerate(("vnic", "linux", "real"))},
+            },
             "isolation": {"status": "ok", "datagram_bytes": 1000, "app_cpu": 1, **{
                 backend: {"alone": {"victim": _run(0, 50.0, cpu)}, "flood": {"victim": _run(0, 500.0, cpu)},
                           "limited": {"victim": _run(0, 60.0, cpu)}, "offered_bps": 4e8, "limit_bps": 4e7,
@@ -127,6 +133,7 @@ def check_report(out: Path, results: dict[str, Any]) -> None:
     assert_plotted(out / "throughput.png", list(report.COLOURS.values()))
     assert_plotted(out / "cost_breakdown.png", ["#d62728", "#1f77b4"])  # server and VNIC host, user time
     assert_plotted(out / "isolation.png", [report.COLOURS["vnic"], report.COLOURS["linux"]])
+    assert_plotted(out / "scaling.png", list(report.COLOURS.values()))
     for name, experiment in results["experiments"].items():
         if experiment["status"] != "ok":
             assert experiment["why"] in text, name
@@ -139,6 +146,8 @@ def test_report_from_results(tmp_path: Path) -> None:
     check_report(tmp_path, results)
     text = (tmp_path / "report.md").read_text()
     assert "| GET | 20,000 | 40,000 | 60,000 | 0.50 | 1.75 (143,000 → 250,000) |" in text
+    assert "| 2 | 18,000 | 36,000 | 54,000 |" in text
+    assert "| speed-up 2/1 | 1.80 | 1.50 | 1.90 |" in text
 
 
 @pytest.mark.root
@@ -163,5 +172,10 @@ def test_quick_run_writes_a_whole_report(tmp_path: Path) -> None:
             run = experiment[target]["c1"] if name != "udp_echo" else experiment[target]
             assert run["latency"]["total"] > 0 and run["p50_us"] > 0
     assert results["experiments"]["redis_get"]["real"]["c50"]["rps"] > 0
+    scaling = results["experiments"]["memcached_scaling"]
+    assert scaling["status"] == "ok" and scaling["workers"][0] == 1 and len(scaling["workers"]) >= 2
+    for target in ("vnic", "linux", "real"):
+        assert [row["workers"] for row in scaling[target]] == scaling["workers"]
+        assert all(row["tps"] > 0 and row["get_misses"] == 0 for row in scaling[target]), scaling[target]
     check_report(out, results)
     assert "ETA" in done.stderr  # the progress display ran

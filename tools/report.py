@@ -33,7 +33,10 @@ PAPER: dict[str, Any] = {
     "redis_read_us": 8.7,
     "redis_write_us": 163.0,
 }
-PLOTS = ("fig3_ccdf.png", "throughput.png", "cost_breakdown.png", "isolation.png")
+PLOTS = ("fig3_ccdf.png", "throughput.png", "cost_breakdown.png", "isolation.png", "scaling.png")
+SCALING_LABELS = {"vnic": "vnic (bypass), --workers N", "linux": "linux backend, SO_REUSEPORT",
+                  "real": "memcached -t N"}
+PAPER_SCALING = 3.0  # memcached on Arrakis: linear with cores, to 3x throughput
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -186,6 +189,54 @@ def plot_isolation(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_scaling(results: dict[str, Any], path: Path) -> bool:
+    """memcaslap throughput over workers, one curve per target, with the linear ideal from
+    each target's one-worker point (the paper's memcached scaled linearly)."""
+    experiment = results["experiments"].get("memcached_scaling", {})
+    if experiment.get("status") != "ok":
+        return False
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    workers = experiment["workers"]
+    for target, colour in COLOURS.items():
+        rows = experiment.get(target)
+        if not rows:
+            continue
+        xs = [row["workers"] for row in rows]
+        ys = [row["tps"] for row in rows]
+        axis.plot(xs, ys, color=colour, marker="o", linewidth=1.8, label=SCALING_LABELS[target])
+        axis.plot(xs, [ys[0] * x for x in xs], color=colour, linestyle=":", linewidth=1.0)
+    axis.set_xticks(workers)
+    axis.set_xlabel("workers (server processes or threads)")
+    axis.set_ylabel("memcaslap throughput (ops/s, TCP, 16 connections)")
+    axis.set_ylim(bottom=0)
+    axis.set_title("memcached scaling (dotted: linear from 1 worker)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _scaling_markdown(experiment: dict[str, Any], cpus: int | None) -> list[str]:
+    workers = experiment["workers"]
+    lines = ["## memcached scaling: memcaslap throughput over workers (ops/s)", "",
+             f"memcaslap over TCP, {experiment['connections']} connections, {experiment['seconds']} s per point, client "
+             f"on CPU {experiment['client_cpu']}. Server CPUs per worker count: "
+             + ", ".join(f"{n}: {experiment['server_cpus'][str(n)]}" for n in workers) + ". "
+             f"The paper's memcached scaled linearly, to {PAPER_SCALING:.0f}× throughput."
+             + (f" On this {cpus}-CPU machine the workers share CPUs with the client and the device hosts." if
+                cpus is not None and cpus - 1 < workers[-1] else ""), "",
+             "| workers | " + " | ".join(SCALING_LABELS[t] for t in COLOURS) + " |", "|---|" + "---|" * len(COLOURS)]
+    for index, count in enumerate(workers):
+        cells = [_num(experiment[t][index]["tps"]) if experiment.get(t) else "–" for t in COLOURS]
+        lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    speedup = experiment.get("speedup", {})
+    lines.append(f"| speed-up {workers[-1]}/1 | " + " | ".join(_num(speedup.get(t), 2) for t in COLOURS) + " |")
+    lines += ["", "![scaling](scaling.png)", ""]
+    return lines
+
+
 def _cpu_total(cpu: dict[str, dict[str, float]]) -> float:
     return sum(part["user"] + part["kernel"] for part in cpu.values())
 
@@ -261,6 +312,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {backend} | " + " | ".join(cells) + f" | {row['p99_over_alone']['limited']:.2f} | "
                          f"{row['offered_bps'] / 1e6:.0f} | {row['limit_bps'] / 1e6:.1f} |")
         lines += ["", "![isolation](isolation.png)", ""]
+    scaling = experiments.get("memcached_scaling", {})
+    if scaling.get("status") == "ok":
+        lines += _scaling_markdown(scaling, machine.get("cpus"))
     not_run = [(name, e["why"]) for name, e in experiments.items() if e.get("status") != "ok"]
     if not_run:
         lines += ["## Not run", ""] + [f"* `{name}`: {why}" for name, why in not_run] + [""]
@@ -270,7 +324,7 @@ def markdown(results: dict[str, Any]) -> str:
 def write(results: dict[str, Any], out: Path) -> list[Path]:
     """report.md and every plot there is data for; returns the paths written."""
     written = []
-    for name, plot in zip(PLOTS, (plot_ccdf, plot_throughput, plot_cost, plot_isolation)):
+    for name, plot in zip(PLOTS, (plot_ccdf, plot_throughput, plot_cost, plot_isolation, plot_scaling)):
         if plot(results, out / name):
             written.append(out / name)
     (out / "report.md").write_text(markdown(results))

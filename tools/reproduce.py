@@ -12,8 +12,9 @@ It builds a topology instance of its own and, in one run, measures against the b
   the single-core cost per packet;
 * ``isolation``: a victim's GET latency alone, beside a flooded neighbour, and beside the same
   flood with the neighbour held by a rate specifier (vnic) or tc (linux): ``tools/isolation.py``;
-* ``memcached_scaling``: recorded as not run, with the reason, until the device spreads a
-  function's flows over several queues (issue 10, item 1).
+* ``memcached_scaling``: memcaslap throughput over 1..max(2, nproc - 1) workers: the memcached
+  server with ``--workers N`` on vnic (one queue pair per worker, flows spread by RSS) and on
+  linux (SO_REUSEPORT), and memcached ``-t N``: ``tools/scaling.py``.
 
 Every throughput step also records the CPU time per request of the server and of each device
 host, split into user and kernel time from /proc/PID/stat: the measured cost breakdown.
@@ -66,13 +67,12 @@ from tools.benchlib import (
 from tools.isolation import IsolationRun
 from tools.latency import Distribution
 from tools.nsrun import run_in_netns
+from tools.scaling import planned_steps as scaling_steps
+from tools.scaling import run_scaling
 
 TARGETS = ("vnic", "linux", "real")
 EXPERIMENTS = ("redis_get", "durable_set", "udp_echo", "memcached_scaling", "isolation")
-NOT_BUILT = {
-    "memcached_scaling": "needs a function with several queue pairs and RSS in the VNIC, and --workers in "
-    "the memcached server (issue 10, item 1); not built yet",
-}
+NOT_BUILT: dict[str, str] = {}
 PLAIN_PORT = 6390  # the not-durable key-value servers and the plain redis-server
 ECHO_PORT = 7
 
@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown experiments: {', '.join(sorted(unknown))}")
     if not have_root():
         return 1
-    missing = [tool for tool in ("redis-benchmark", "redis-cli", "redis-server", "taskset") if shutil.which(tool) is None]
+    tools = ["redis-benchmark", "redis-cli", "redis-server", "taskset"]
+    if "memcached_scaling" in args.only:
+        tools += ["memcached", "memcaslap"]
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         print(f"reproduce: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 1
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes.__dict__,
         "experiments": {},
     }
-    planned = {"redis_get": 2 * len(TARGETS), "durable_set": 2 * len(TARGETS), "udp_echo": 2, "isolation": 6}
+    planned = {"redis_get": 2 * len(TARGETS), "durable_set": 2 * len(TARGETS), "udp_echo": 2, "isolation": 6,
+               "memcached_scaling": scaling_steps()}
     console = Console(stderr=True)
     kernelctl(args.tag, "up")
     try:
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis_get": lambda steps: run_redis(topo, steps, sizes, hosts, False, workdir),
             "durable_set": lambda steps: run_redis(topo, steps, sizes, hosts, True, workdir),
             "udp_echo": lambda steps: run_udp(topo, steps, sizes, hosts),
+            "memcached_scaling": lambda steps: run_scaling(topo, steps.step, 2 if args.quick else 8),
             "isolation": lambda steps: IsolationRun(topo, sizes.isolation, steps.step, 1.5 if args.quick else 3.0).run(),
         }
         with Steps(sum(planned.get(name, 0) for name in args.only), console) as steps:

@@ -538,6 +538,9 @@ class OpenVnic(Record):
     rx_bps: int = bounded(0, high=MAX_RATE_BPS)
     tx_bps: int = bounded(0, high=MAX_RATE_BPS)
     name: str = bounded("", max_len=MAX_NAME)
+    # Queue pairs (one per worker process; receive-side scaling spreads flows over them).
+    # The device host refuses more than its function can hold.
+    queues: int = bounded(1, low=1, high=MAX_QUEUES)
 
 
 @dataclass(frozen=True)

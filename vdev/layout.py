@@ -32,6 +32,22 @@ Register page, global block (offsets in bytes)::
     0x28  u64   iommu_faults     device      descriptors refused by the DMA check
     0x30  u64   capacity_blocks  device      VSIC: size of the VSA in blocks
 
+VNIC receive-side scaling block (see ``vdev.vnic.rss``)::
+
+    off   size    field           written by  meaning
+    0x40  u32     rss_control     driver      RSS_ENABLE: spread TCP/UDP flows over the queues
+    0x44  u32     rss_table_size  driver      entries of rss_table in use: a power of two,
+                                              1..RSS_TABLE_MAX
+    0x48  u32     rss_state       device      RSS_STATE_*: what the device made of the block
+    0x4c  u32     rss_refusals    device      how many settings the device refused
+    0x50  u8[40]  rss_key         driver      the Toeplitz secret key (Microsoft RSS)
+    0x80  u8[128] rss_table       driver      indirection table: a queue number per entry
+
+The device reads the whole block once, when it looks at the ring enable bits (on a wake-up,
+so a doorbell makes it look), and acts on its own checked copy; a table entry that names no
+queue of the function, a bad table size or an unknown control bit refuses the whole setting
+(RSS_STATE_REFUSED: every frame goes to its filter's queue, as with RSS off).
+
 Ring block ``RING_BASE + RING_STRIDE * ring_index``; the VNIC has rings RX0, TX0, RX1,
 TX1, ... (``ring_index = 2 * queue + direction``); the VSIC has request queue q at index q::
 
@@ -90,6 +106,24 @@ REG_CAPACITY_BLOCKS: Final = 0x30
 
 STATUS_ENABLED: Final = 0x1
 STATUS_FAULT: Final = 0x2  # the device stopped this function (see the rings' error)
+
+# --- receive-side scaling (VNIC) --------------------------------------------------
+REG_RSS_CONTROL: Final = 0x40
+REG_RSS_TABLE_SIZE: Final = 0x44
+REG_RSS_STATE: Final = 0x48
+REG_RSS_REFUSALS: Final = 0x4C
+REG_RSS_KEY: Final = 0x50
+REG_RSS_TABLE: Final = 0x80
+RSS_KEY_SIZE: Final = 40
+RSS_TABLE_MAX: Final = 128
+RSS_BLOCK_END: Final = REG_RSS_TABLE + RSS_TABLE_MAX  # == RING_BASE: the block fits below it
+
+RSS_ENABLE: Final = 0x1
+RSS_KNOWN_CONTROL: Final = RSS_ENABLE
+
+RSS_STATE_OFF: Final = 0
+RSS_STATE_ON: Final = 1
+RSS_STATE_REFUSED: Final = 2
 
 # --- ring blocks ------------------------------------------------------------------
 RING_BASE: Final = 0x100

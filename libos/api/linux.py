@@ -75,7 +75,10 @@ def _strerror(exc: OSError) -> str:
 class LinuxLibOS(PollingRuntime):
     backend = "linux"
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, reuse_port: bool = False) -> None:
+        # SO_REUSEPORT on every socket: worker processes each bind the same port and the
+        # kernel spreads connections and datagrams over them by 4-tuple hash.
+        self.reuse_port = reuse_port
         if netns:
             # The baseline host is a network namespace of its own (DESIGN section 2).
             from pyroute2 import netns as pyroute2_netns
@@ -98,6 +101,8 @@ class LinuxLibOS(PollingRuntime):
             raise LibOSError(f"unknown socket kind {kind!r}")
         sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
         sock.setblocking(False)
+        if self.reuse_port:
+            sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEPORT, 1)
         qd = self.table.new_queue(kind)
         self._sockets[qd] = sock
         self._by_fd[sock.fileno()] = qd
@@ -241,6 +246,8 @@ class LinuxLibOS(PollingRuntime):
         # A restarted server must be able to bind its port while old connections sit in
         # TIME-WAIT, as every Linux server does.
         sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEPORT, 1)
         qd = self.table.new_queue(SocketKind.TCP)
         self._sockets[qd] = sock
         self._streams[qd] = _Stream(sock)

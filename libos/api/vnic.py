@@ -32,6 +32,7 @@ from libos.driver.vnic import VnicDriver
 from libos.net.events import UdpDatagram
 from libos.net.stack import NetStack
 from libos.net.tcp import EPHEMERAL_PORTS, TcpConfig
+from vdev import layout
 from vdev.wire.ipv4 import PROTO_TCP
 
 YIELD_AFTER = 0.005  # seconds of idle polling between two sched_yield calls
@@ -42,10 +43,13 @@ MAX_SLEEP = 0.05  # bounded so a lost wakeup costs latency, never progress
 MAX_TX_BACKLOG = 4096
 TX_BACKLOG_SLEEP = 0.0005  # the device drains the ring within this, while it is busy
 CLAIM_ATTEMPTS = 16
+MAX_WORKER_QUEUES = 16  # queue pairs (worker processes) one application may ask for
 # RFC 6298 2.4 asks for at least one second; Linux (TCP_RTO_MIN) and most stacks use
 # 200 ms, and a one-second floor would make every lost tail segment cost a second here
 # where the Linux baseline pays 200 ms. Everything else keeps the RFC defaults.
 TCP_CONFIG = TcpConfig(min_rto=0.2)
+# A worker re-learns a peer's MAC from its frames at most this often (see _learn_neighbours).
+GLEAN_REFRESH = 1.0
 
 
 class VnicLibOS(PollingRuntime):
@@ -59,7 +63,15 @@ class VnicLibOS(PollingRuntime):
         tx_bps: int = 0,
         poll_window: float = DEFAULT_POLL_WINDOW,
         prefix_len: int = 24,
+        queues: int = 1,
     ) -> None:
+        if not 1 <= queues <= MAX_WORKER_QUEUES:
+            raise LibOSError(f"a function has 1..{MAX_WORKER_QUEUES} queues")
+        self.queues = queues
+        self.drivers: list[VnicDriver] = []  # one per queue pair; ``driver`` is this process's
+        self._glean = False
+        self._rss_key = b""
+        self._gleaned: dict[bytes, float] = {}
         self.table = QueueTable()
         self._control_path = control_socket
         self._name = name
@@ -163,13 +175,26 @@ class VnicLibOS(PollingRuntime):
     def _open_function(self, proto: str, port: int) -> None:
         try:
             control = ControlClient(self._control_path)
-            sock, info = control.open_vnic([(proto, port)], self._rx_bps, self._tx_bps, self._name)
+            sock, info = control.open_vnic([(proto, port)], self._rx_bps, self._tx_bps, self._name, self.queues)
         except Exception as exc:
             raise LibOSError(str(exc)) from None
         self._control = control
         try:
             self.driver = VnicDriver(sock)
+            self.drivers = [self.driver]
+            for queue in range(1, self.queues):
+                self.drivers.append(VnicDriver(sock, queue=queue, client=self.driver.client))
+            if self.queues > 1:
+                # A fresh secret key per function: a client cannot aim its flows at one queue.
+                self._rss_key = os.urandom(layout.RSS_KEY_SIZE)
+                self.driver.set_rss(self._rss_key, rss_table(range(self.queues)))
         except Exception:
+            for driver in self.drivers[1:]:
+                driver.close()
+            self.drivers = []
+            if self.driver is not None:
+                self.driver.close()
+                self.driver = None
             sock.close()
             control.close()
             raise
@@ -177,6 +202,47 @@ class VnicLibOS(PollingRuntime):
         self.stack = NetStack(self.driver.mac, self.driver.ipv4, self._prefix_len)
         if self.streams is not None:
             self.streams.attach(self.stack, self.driver)
+
+    # ---- worker processes (libos.api.workers) ------------------------------------------
+
+    def become_worker(self, queue: int) -> None:
+        """In a forked worker: from now on this process polls queue pair ``queue`` only.
+
+        Everything opened before the fork (the function, its bound ports and listening
+        queues) is shared; the network stack and the TCP connections are this process's.
+        ARP reaches only queue 0, so every worker learns its peers from their frames.
+        """
+        if not 0 <= queue < len(self.drivers):
+            raise LibOSError(f"no queue {queue}: the function has {len(self.drivers)}")
+        driver = self.driver = self.drivers[queue]
+        self._glean = True
+        if self.streams is not None and self.stack is not None:
+            self.streams.attach(self.stack, driver)
+
+    def queue_down(self, queue: int, live: list[int]) -> None:
+        """In the parent, after the worker of ``queue`` died: steer flows to the ``live``
+        queues only and stop the dead queue's rings, so the device drops nothing for it."""
+        if self.driver is None or not 0 <= queue < len(self.drivers):
+            return
+        driver = self.drivers[queue]
+        driver.rx.disable()
+        driver.tx.disable()
+        if live:
+            self.driver.set_rss(self._rss_key, rss_table(live))
+
+    def _learn_neighbours(self, frames: list[bytes], now: float) -> None:
+        stack = self.stack
+        if stack is None:
+            return
+        gleaned = self._gleaned
+        for frame in frames:
+            if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+                continue
+            src_ip = frame[26:30]
+            if gleaned.get(src_ip, 0.0) > now:
+                continue
+            gleaned[src_ip] = now + GLEAN_REFRESH
+            stack.learn_neighbour(src_ip, frame[6:12], now)
 
     # ---- stream queues -----------------------------------------------------------------
 
@@ -322,6 +388,8 @@ class VnicLibOS(PollingRuntime):
         frames = driver.receive()
         work = len(frames)
         if frames:
+            if self._glean:
+                self._learn_neighbours(frames, now)
             stack.receive_burst(frames, driver.rx_kinds, now)
             self._deliver_events()
         streams = self.streams
@@ -400,6 +468,14 @@ class VnicLibOS(PollingRuntime):
     def shutdown(self) -> None:
         for qd in list(self.table.kinds):
             self.close(qd)
+        if self._glean:
+            # A worker shares the vfio-user session with its siblings: a request there
+            # could take a sibling's reply. The parent tears the function down after all.
+            self.driver = None
+            self.drivers = []
+        for driver in reversed(self.drivers):  # the session's owner, queue 0, last
+            driver.close()
+        self.drivers = []
         if self.driver is not None:
             self.driver.close()
             self.driver = None
@@ -411,11 +487,18 @@ class VnicLibOS(PollingRuntime):
         result: dict[str, object] = {"backend": self.backend, "queues": self.table.counters.as_dict()}
         if self.driver is not None:
             result["driver"] = self.driver.counters.as_dict()
+            result["queue"] = self.driver.queue
         if self.streams is not None:
             result["tcp"] = self.streams.stats()
         if self.tx_dropped:
             result["tx_backlog_dropped"] = self.tx_dropped
         return result
+
+
+def rss_table(queues: range | list[int]) -> list[int]:
+    """An indirection table of the largest size that spreads over ``queues`` round robin."""
+    chosen = list(queues)
+    return [chosen[index % len(chosen)] for index in range(layout.RSS_TABLE_MAX)]
 
 
 def _check_address(address: object, *, allow_any_port: bool) -> tuple[str, int]:

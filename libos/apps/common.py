@@ -69,10 +69,12 @@ def stop_on_signals() -> Callable[[], bool]:
     return lambda: stopping
 
 
-def open_server_libos(args: argparse.Namespace, name: str) -> LibOS:
-    """The libOS the command line asked for, named ``name`` in kernelctl's registry."""
+def open_server_libos(args: argparse.Namespace, name: str, *, queues: int = 1,
+                      reuse_port: bool = False) -> LibOS:
+    """The libOS the command line asked for, named ``name`` in kernelctl's registry
+    (``queues`` and ``reuse_port``: for ``libos.apps.workers``)."""
     return open_libos(args.backend, instance=args.instance, netns=args.netns, name=name,
-                      poll_window=args.poll_window)
+                      poll_window=args.poll_window, queues=queues, reuse_port=reuse_port)
 
 
 def serve_and_report(name: str, args: argparse.Namespace, server: ServedApp, los: LibOS,

@@ -61,9 +61,13 @@ class FunctionDriver:
     IOVA_BASE: ClassVar[int]
     counters: DriverCountersBase
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.client = VfioUserClient(sock)
+    def __init__(self, sock: socket.socket, client: VfioUserClient | None = None) -> None:
+        # Several drivers (one per queue of a multi-queue function) may share one vfio-user
+        # session: the first made it, and only it closes the socket.
+        self._owns_client = client is None
+        self.client = VfioUserClient(sock) if client is None else client
         self._closed = False
+        self._dma_iova = self.IOVA_BASE
 
     def _rings(self) -> tuple[DriverRing, ...]:
         raise NotImplementedError
@@ -85,8 +89,10 @@ class FunctionDriver:
         if not 0 <= queue < num_queues:
             raise self.ERROR(f"the function has {num_queues} {self.QUEUE_NAME}")
 
-    def _map_dma(self, name: str, size: int) -> None:
-        """Create ``size`` bytes of DMA memory and register it at ``IOVA_BASE``."""
+    def _map_dma(self, name: str, size: int, iova: int | None = None) -> None:
+        """Create ``size`` bytes of DMA memory and register it at ``iova`` (``IOVA_BASE``
+        unless given: drivers of one function's queues each map their own range)."""
+        self._dma_iova = self.IOVA_BASE if iova is None else iova
         self._mem_fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self._mem_fd, size)
         # The device maps this memory; a sealed size means we cannot pull it from under it.
@@ -94,7 +100,7 @@ class FunctionDriver:
         self._mem = mmap.mmap(self._mem_fd, size)
         self._mem_view = memoryview(self._mem)
         self._mem_size = size
-        self.client.dma_map(self.IOVA_BASE, size, self._mem_fd, 0, True, True)
+        self.client.dma_map(self._dma_iova, size, self._mem_fd, 0, True, True)
 
     def _setup_irq(self, queue: int) -> None:
         """Register an eventfd as the queue's MSI-X vector, and a poller to sleep on it."""
@@ -138,11 +144,13 @@ class FunctionDriver:
         try:
             for ring in rings:
                 ring.disable()
-            self.client.disable_irqs(layout.IRQ_INDEX_MSIX)
-            self.client.dma_unmap(self.IOVA_BASE, self._mem_size)
+            if self._owns_client:
+                self.client.disable_irqs(layout.IRQ_INDEX_MSIX)
+            self.client.dma_unmap(self._dma_iova, self._mem_size)
         except Exception:
             pass  # the device may already be gone; closing the socket tears it all down
-        self.client.close()
+        if self._owns_client:
+            self.client.close()
         for ring in rings:
             ring.descs.release()
         self.regs.release()

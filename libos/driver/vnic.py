@@ -25,8 +25,12 @@ from libos import fast
 from libos.driver.base import FunctionDriver, page_align
 from vdev import layout
 from vdev.ring import DriverRing, U32_MASK
+from vdev.vfio_user.client import VfioUserClient
 
 IOVA_BASE = 0x10_0000_0000
+# Queue q's region starts at IOVA_BASE + q * QUEUE_IOVA_STRIDE: the drivers of one
+# function's queues share its DMA table, so their IOVA ranges must not overlap.
+QUEUE_IOVA_STRIDE = 0x1_0000_0000
 DEFAULT_RING_SIZE = 256
 
 
@@ -58,13 +62,19 @@ class VnicDriver(FunctionDriver):
     IOVA_BASE = IOVA_BASE
     counters: DriverCounters
 
-    def __init__(self, sock: socket.socket, ring_size: int = DEFAULT_RING_SIZE, queue: int = 0) -> None:
+    def __init__(
+        self, sock: socket.socket, ring_size: int = DEFAULT_RING_SIZE, queue: int = 0,
+        client: VfioUserClient | None = None,
+    ) -> None:
+        """The driver of queue pair ``queue``; ``client``: the vfio-user session of a driver
+        of another queue of the same function, to share (``sock`` is then that session's)."""
         self.counters = DriverCounters()
-        super().__init__(sock)
+        super().__init__(sock, client)
         try:
             self._setup(ring_size, queue)
         except Exception:
-            self.client.close()
+            if self._owns_client:
+                self.client.close()
             raise
 
     def _rings(self) -> tuple[DriverRing, ...]:
@@ -76,6 +86,7 @@ class VnicDriver(FunctionDriver):
         max_ring = regs.read32(layout.REG_MAX_RING_SIZE)
         ring_size = min(ring_size, max_ring)
         self.queue = queue
+        self._iova = IOVA_BASE + queue * QUEUE_IOVA_STRIDE
         self.ring_size = ring_size
         self.mac = bytes(self._bar[layout.REG_MAC : layout.REG_MAC + 6])
         self.ipv4 = bytes(self._bar[layout.REG_IPV4 : layout.REG_IPV4 + 4])
@@ -84,7 +95,7 @@ class VnicDriver(FunctionDriver):
         desc_bytes = ring_size * layout.VNIC_DESC_SIZE
         rings_bytes = page_align(2 * desc_bytes)
         buffers_bytes = 2 * ring_size * layout.VNIC_BUFFER_SIZE
-        self._map_dma("libos-vnic-dma", page_align(rings_bytes + buffers_bytes))
+        self._map_dma("libos-vnic-dma", page_align(rings_bytes + buffers_bytes), self._iova)
 
         self._rx_desc_off = 0
         self._tx_desc_off = desc_bytes
@@ -98,11 +109,11 @@ class VnicDriver(FunctionDriver):
 
         self._setup_irq(queue)
 
-        self.rx.enable(IOVA_BASE + self._rx_desc_off)
-        self.tx.enable(IOVA_BASE + self._tx_desc_off)
+        self.rx.enable(self._iova + self._rx_desc_off)
+        self.tx.enable(self._iova + self._tx_desc_off)
         # Hand every RX buffer to the device at once.
         for slot in range(ring_size):
-            self.rx.post(IOVA_BASE + self._rx_buf_off + slot * layout.VNIC_BUFFER_SIZE, layout.VNIC_BUFFER_SIZE, 0, 0, 0)
+            self.rx.post(self._iova + self._rx_buf_off + slot * layout.VNIC_BUFFER_SIZE, layout.VNIC_BUFFER_SIZE, 0, 0, 0)
         self.rx.publish()
         # What the last ``receive`` learnt about each frame in C (``libos.fast.KIND_*``);
         # empty on the pure path.
@@ -158,7 +169,7 @@ class VnicDriver(FunctionDriver):
                 frames.append(mem[buf : buf + length].tobytes())
             else:
                 self.counters.rx_errors += 1
-            rx.post(IOVA_BASE + base + slot * layout.VNIC_BUFFER_SIZE, layout.VNIC_BUFFER_SIZE, 0, 0, 0)
+            rx.post(self._iova + base + slot * layout.VNIC_BUFFER_SIZE, layout.VNIC_BUFFER_SIZE, 0, 0, 0)
         rx.reap(ready)
         self.counters.rx_packets += len(frames)
         # No doorbell for fresh RX buffers, even if the device sleeps: it looks at the RX
@@ -171,7 +182,7 @@ class VnicDriver(FunctionDriver):
         buf = layout.VNIC_BUFFER_SIZE
         count = self._fast.arx_rx_burst(
             self._fast_rx_descs, rx.mask, self._fast_rx_bufs, self._fast_bufs_len,
-            IOVA_BASE + self._rx_buf_off, buf, rx.reaped, ready,
+            self._iova + self._rx_buf_off, buf, rx.reaped, ready,
             self._fast_arena_ptr, len(self._fast_arena), self._fast_lengths, self._fast_kinds,
             self._fast_errors,
         )  # fmt: skip
@@ -220,7 +231,7 @@ class VnicDriver(FunctionDriver):
         payload_ptr = payload if type(payload) is bytes else ffi.from_buffer(payload)
         length = lib.arx_tx_tcp(
             self._fast_tx_descs, tx.mask, self._fast_tx_bufs, self._fast_bufs_len,
-            IOVA_BASE + self._tx_buf_off, layout.VNIC_BUFFER_SIZE, tx.prod,
+            self._iova + self._tx_buf_off, layout.VNIC_BUFFER_SIZE, tx.prod,
             macs_ips, macs_ips[12:], ttl, ident, src_port, dst_port, seq, ack, flags, window,
             options, len(options), payload_ptr, len(payload),
         )  # fmt: skip
@@ -249,7 +260,7 @@ class VnicDriver(FunctionDriver):
             descs = self._fast_tx_descs
             bufs = self._fast_tx_bufs
             bufs_len = self._fast_bufs_len
-            iova = IOVA_BASE + base
+            iova = self._iova + base
             size = layout.VNIC_BUFFER_SIZE
             post = lib.arx_tx_post
             from_buffer = fast.ffi.from_buffer
@@ -269,7 +280,7 @@ class VnicDriver(FunctionDriver):
             slot = tx.prod & mask
             buf = base + slot * layout.VNIC_BUFFER_SIZE
             mem[buf : buf + length] = frame
-            tx.post(IOVA_BASE + buf, length, 0, 0, 0)
+            tx.post(self._iova + buf, length, 0, 0, 0)
             taken += 1
         if taken and tx.publish():
             self._ring_doorbell(self._tx_doorbell)
@@ -286,6 +297,23 @@ class VnicDriver(FunctionDriver):
             if tx.peek(start + offset)[3] != layout.DESC_OK:
                 self.counters.tx_errors += 1
         tx.reap(done)
+
+    def set_rss(self, key: bytes, table: list[int]) -> int:
+        """Spread the function's TCP/UDP flows over the queues in ``table`` (an
+        indirection table: a power-of-two number of queue numbers) with Toeplitz ``key``;
+        an empty table turns RSS off. Rings a doorbell so the device looks at once; returns
+        the device's RSS_STATE_* as far as it has answered yet."""
+        if table and (len(key) != layout.RSS_KEY_SIZE or len(table) > layout.RSS_TABLE_MAX):
+            raise DriverError(f"an RSS key is {layout.RSS_KEY_SIZE} bytes and a table at most {layout.RSS_TABLE_MAX}")
+        regs = self.regs
+        regs.write32(layout.REG_RSS_CONTROL, 0)  # off while the block is rewritten
+        if table:
+            self._bar[layout.REG_RSS_KEY : layout.REG_RSS_KEY + len(key)] = key
+            self._bar[layout.REG_RSS_TABLE : layout.REG_RSS_TABLE + len(table)] = bytes(table)
+            regs.write32(layout.REG_RSS_TABLE_SIZE, len(table))
+            regs.write32(layout.REG_RSS_CONTROL, layout.RSS_ENABLE)
+        self._ring_doorbell(self._tx_doorbell)
+        return regs.read32(layout.REG_RSS_STATE)
 
     def close(self) -> None:
         if getattr(self, "_fast", None) is not None:

@@ -478,6 +478,17 @@ class NetStack:
         self._send_icmp_error(icmp.CODE_PORT_UNREACHABLE, packet, raw, now)
 
 
+    def learn_neighbour(self, ip: bytes, mac: bytes, now: float) -> None:
+        """Take ``ip`` at ``mac`` from a frame it sent us (gleaning, as lwIP's
+        ETHARP_TRUST_IP_MAC does), for a queue that never sees ARP replies: with
+        receive-side scaling, ARP reaches only a function's first queue, while a worker on
+        another queue must still answer the peers whose flows land there. Only an
+        on-link unicast source is learnt; what waited on it goes out."""
+        if mac[0] & 1 or not ipv4.is_unicast_source(ip) or ip == self.subnet_broadcast or not self._on_link(ip):
+            return
+        released = self.arp.update(ip, mac, now, create=True)
+        self._release(released, mac)
+
     def _on_link(self, addr: bytes) -> bool:
         return int.from_bytes(addr, "big") & self._netmask == self._network
 

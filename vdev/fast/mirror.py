@@ -78,6 +78,9 @@ class FastPath:
         self._slot: dict[int, int] = {}  # function id -> slot
         self._filter_ids: list[int] = []  # filter slot -> filter id
         self._held: list[Any] = []  # buffers exported for the current burst
+        # slot -> (the function's RSS object, its generation) last copied into C: the key
+        # and table are copied only when the model accepted a new setting.
+        self._rss_loaded: dict[int, tuple[int, int]] = {}
         self.rx_fast_frames = 0  # frames C delivered (for tests and the bench)
         self.tx_fast_frames = 0
 
@@ -92,6 +95,7 @@ class FastPath:
             return
         functions = list(device.functions.values())[: self.lib.VF_MAX_FNS]
         self._functions = functions
+        self._rss_loaded = {}
         self._slot = {function.function_id: slot for slot, function in enumerate(functions)}
         self._build_tables(filters)
         self._dev.nfns = len(functions)
@@ -163,6 +167,14 @@ class FastPath:
         fn.nmaps = count  # a mapping past VF_MAX_MAPS is missed: C falls back, Python decides
         fn.nqueues = min(function.num_queues, self.lib.VF_MAX_QUEUES)
         fn.mac = function.config.mac
+        rss = function.rss
+        if self._rss_loaded.get(slot) != (id(rss), rss.generation):
+            self._rss_loaded[slot] = (id(rss), rss.generation)
+            fn.rss_on = int(rss.enabled)
+            if rss.enabled:
+                fn.rss_mask = rss.mask
+                ffi.memmove(fn.rss_key, rss.key, len(rss.key))
+                ffi.memmove(fn.rss_table, rss.table, len(rss.table))
         fn.rx_fast = int(function.rx_limit is None)
         fn.tx_fast = int(function.tx_limit is None)
         fn.touched = 0
@@ -185,11 +197,15 @@ class FastPath:
             c_ring.size = ring.size
             c_ring.cons = ring.cons
 
-    def _store_back(self, device: VnicDevice, slot: int, function: VnicFunction, rx: bool) -> None:
+    def _store_back(self, device: VnicDevice, slot: int, function: VnicFunction, rx: bool, tx_queue: int = -1) -> None:
         fn = self._fns[slot]
         rings = function.rx_rings if rx else function.tx_rings
         c_rings = fn.rx if rx else fn.tx
         for queue in range(fn.nqueues):
+            if not rx and queue != tx_queue:
+                # A TX burst loads one ring: the other C rings still hold an earlier
+                # burst's cons, which must not move the model's rings back.
+                continue
             ring = rings[queue]
             if ring is not None and c_rings[queue].size:
                 ring.cons = c_rings[queue].cons
@@ -321,7 +337,7 @@ class FastPath:
                 done = self.lib.vf_tx_burst(
                     dev, slot, queue, budget - total, self._tx_out, self._tx_out_size, self._tx_lens, self._tx_sent, fd
                 )
-                self._store_back(device, slot, function, False)
+                self._store_back(device, slot, function, False, queue)
             finally:
                 self._release()
             if done and fd < 0:

@@ -75,6 +75,45 @@ static int transport_key(const uint8_t *f, uint32_t len, int source, uint32_t *p
     return 1;
 }
 
+/* The RSS input of an unfragmented IPv4 TCP/UDP frame (source address, destination
+ * address, source port, destination port, as on the wire); 0 if the frame is not one. The
+ * checks are flow_tuple's in vdev/vnic/rss.py, so both paths spread the same frames. */
+static int rss_tuple(const uint8_t *f, uint32_t len, uint8_t out[12])
+{
+    if (len < 34 || rd16be(f + 12) != ETHERTYPE_IPV4)
+        return 0;
+    uint32_t vihl = f[14];
+    uint32_t hlen = (vihl & 0x0F) * 4;
+    uint32_t total = rd16be(f + 16);
+    if ((vihl >> 4) != 4 || hlen < 20 || total < hlen + 4 || ETH_HLEN + total > len)
+        return 0;
+    if (f[23] != IPPROTO_TCP_ && f[23] != IPPROTO_UDP_)
+        return 0;
+    if (rd16be(f + 20) & 0x3FFF) /* more fragments, or an offset */
+        return 0;
+    memcpy(out, f + 26, 8);                    /* both addresses */
+    memcpy(out + 8, f + ETH_HLEN + hlen, 4);   /* both ports: hlen + 4 <= total <= len - 14 */
+    return 1;
+}
+
+uint32_t vf_toeplitz(const uint8_t *key, const uint8_t *input)
+{
+    /* For each set input bit, left to right, XOR in the 32 key bits starting at its
+     * position: window holds them, and takes the next key bit after every input bit.
+     * 12 input bytes use key bytes 0..15 of the 40. */
+    uint32_t window = ((uint32_t)key[0] << 24) | ((uint32_t)key[1] << 16) | ((uint32_t)key[2] << 8) | key[3];
+    uint32_t result = 0;
+    for (uint32_t i = 0; i < 12; i++) {
+        uint32_t next = key[i + 4];
+        for (uint32_t bit = 0; bit < 8; bit++) {
+            if (input[i] & (0x80u >> bit))
+                result ^= window;
+            window = (window << 1) | ((next >> (7 - bit)) & 1u);
+        }
+    }
+    return result;
+}
+
 /* The host address of [iova, iova + len) if one mapping holds it with the access. */
 static uint8_t *translate(const vf_fn *fn, uint64_t iova, uint32_t len, int write)
 {
@@ -179,7 +218,15 @@ uint32_t vf_rx_steer(vf_dev *dev, const uint8_t *arena, uint32_t arena_size, con
         vf_fn *fn = &dev->fns[e->fn];
         if (!fn->rx_fast || e->queue >= fn->nqueues || e->queue >= VF_MAX_QUEUES)
             return why(dev, VF_WHY_RX_SLOW_FUNCTION, i);
-        vf_ring *r = &fn->rx[e->queue];
+        uint32_t queue = e->queue;
+        uint8_t tuple[12];
+        if (fn->rss_on && rss_tuple(f, len, tuple)) {
+            uint32_t slot = vf_toeplitz(fn->rss_key, tuple) & fn->rss_mask & (VF_RSS_TABLE_MAX - 1);
+            queue = fn->rss_table[slot];
+            if (queue >= fn->nqueues || queue >= VF_MAX_QUEUES)
+                return why(dev, VF_WHY_RX_SLOW_FUNCTION, i); /* the model refuses such tables */
+        }
+        vf_ring *r = &fn->rx[queue];
         if (!ring_ok(r))
             return why(dev, VF_WHY_RX_NO_BUFFER, i);
         uint32_t prod = __atomic_load_n(r->prod_reg, __ATOMIC_ACQUIRE);

@@ -11,6 +11,8 @@
 #define VF_MAX_FRAME 1514
 #define VF_ARENA_SLOT 2048   /* one transmitted frame */
 #define VF_RX_SLOT 65536     /* one received frame: what the tap backend reads at most */
+#define VF_RSS_KEY_SIZE 40   /* layout.RSS_KEY_SIZE */
+#define VF_RSS_TABLE_MAX 128 /* layout.RSS_TABLE_MAX */
 
 typedef struct {
     uint64_t iova;
@@ -38,6 +40,11 @@ typedef struct {
     uint8_t pad[2];
     vf_ring rx[VF_MAX_QUEUES];
     vf_ring tx[VF_MAX_QUEUES];
+    /* receive-side scaling: the model's checked copy (vdev/vnic/rss.py), not the registers */
+    uint32_t rss_on;      /* 1: spread TCP/UDP flows over rss_table */
+    uint32_t rss_mask;    /* table entries - 1 */
+    uint8_t rss_key[VF_RSS_KEY_SIZE];
+    uint8_t rss_table[VF_RSS_TABLE_MAX];
     /* counted by C, drained into the Python counters after each burst */
     uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes;
     uint32_t touched;     /* nonzero: a completion was written (raise IRQs) */
@@ -95,6 +102,9 @@ int vf_read_burst(int fd, uint8_t *arena, uint32_t arena_size, uint32_t *lens, u
  * count when all were handled. */
 uint32_t vf_rx_steer(vf_dev *dev, const uint8_t *arena, uint32_t arena_size, const uint32_t *lens,
                      uint32_t start, uint32_t count);
+
+/* The Toeplitz hash (Microsoft RSS) of the 12-byte IPv4 4-tuple input under a 40-byte key. */
+uint32_t vf_toeplitz(const uint8_t *key, const uint8_t *input);
 
 /* Take up to budget descriptors from TX ring (fn, queue) while they are fast cases:
  * the frames are copied into out (VF_ARENA_SLOT per frame) with out_lens; returns how many

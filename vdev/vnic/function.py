@@ -20,6 +20,7 @@ from vdev import layout
 from vdev.dma import DmaFault
 from vdev.function_base import DeviceFunction
 from vdev.ring import DeviceRing
+from vdev.vnic.rss import RssSteering
 from vdev.ratelimit import TokenBucket, default_burst_bytes
 
 RX_POLICER_WINDOW = 0.05  # seconds of traffic the receive policer lets through at once
@@ -80,6 +81,7 @@ class VnicFunction(DeviceFunction):
         self.counters = FunctionCounters()
         self.rx_rings: list[DeviceRing | None] = [None] * config.num_queues
         self.tx_rings: list[DeviceRing | None] = [None] * config.num_queues
+        self.rss = RssSteering(config.num_queues)
         super().__init__(layout.VNIC_MAX_FRAME)
         self.rx_limit: TokenBucket | None = None
         self.tx_limit: TokenBucket | None = None
@@ -114,6 +116,7 @@ class VnicFunction(DeviceFunction):
         enable bits whenever it is woken and on every idle-to-busy transition.
         """
         regs = self.regs
+        self.rss.sync(regs)
         for queue in range(self.num_queues):
             for direction, rings in ((layout.RX, self.rx_rings), (layout.TX, self.tx_rings)):
                 ring_index = layout.vnic_ring_index(queue, direction)
@@ -127,6 +130,14 @@ class VnicFunction(DeviceFunction):
                     # Disabling resets the ring, a failed one included (how a driver recovers).
                     rings[queue] = None
                     regs.write32(layout.ring_reg(ring_index, layout.RING_ERROR), 0)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        super().region_write(index, offset, data)
+        if offset >= layout.DOORBELL_PAGE_OFFSET:
+            # A driver that changed its RSS setting rings a doorbell (libOS: set_rss). Look
+            # at the block now: a busy device host looks at ring enables only on waking,
+            # and a worker's queue taken out of the table must stop receiving at once.
+            self.rss.sync(self.regs)
 
     def _fail_ring(self, rings: list[DeviceRing | None], queue: int, code: int) -> None:
         ring = rings[queue]
@@ -149,7 +160,9 @@ class VnicFunction(DeviceFunction):
     # ---- data path ------------------------------------------------------------------
 
     def deliver(self, queue: int, frame: bytes, now: float) -> bool:
-        """Put one received frame into the next RX buffer of ``queue``; False if dropped."""
+        """Put one received frame into the next RX buffer of ``queue`` (the filter's; RSS
+        may pick another of this function's queues for it); False if dropped."""
+        queue = self.rss.queue_for(frame, queue)
         counters = self.counters
         rx_limit = self.rx_limit
         if rx_limit is not None and not rx_limit.try_consume(len(frame), now):

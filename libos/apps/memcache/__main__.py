@@ -2,6 +2,16 @@
 
     python -m libos.apps.memcache --backend vnic --port 11211
     python -m libos.apps.memcache --backend linux --port 11211
+    python -m libos.apps.memcache --backend vnic --port 11211 --workers 2
+
+With ``--workers N`` it runs N worker processes (``libos.apps.workers``: one per VNIC
+queue pair, or per SO_REUSEPORT socket on linux). Each worker owns a whole, independent
+store, like N separate memcached instances behind one address: a flow (a TCP connection,
+or a UDP client socket) always reaches the same worker, so a client sees its own writes on
+that connection, but a key set over one connection is not visible to a connection that
+landed on another worker. Partitioning the keys instead would need every worker to forward
+requests for keys it does not own, across processes, on the request path; the device steers
+by flow, not by key, so it cannot do that part.
 
 It prints one line when it is ready (tests and tools wait for it) and its counters when
 it stops (SIGTERM or SIGINT).
@@ -14,12 +24,17 @@ import sys
 from libos.api import LibOSError
 from libos.apps.common import open_server_libos, parse_server_args, serve_and_report, server_parser, stop_on_signals
 from libos.apps.memcache.server import DEFAULT_MAX_CLIENTS, McServer
+from libos.apps.workers import add_workers_option, serve_workers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = server_parser("python -m libos.apps.memcache", __doc__, 11211, DEFAULT_MAX_CLIENTS)
     parser.add_argument("--no-udp", action="store_true", help="serve TCP only")
+    add_workers_option(parser)
     args = parse_server_args(parser, argv)
+    if args.workers != 1:
+        return serve_workers("memcache", args, lambda los: McServer(
+            los, args.port, address=args.address, max_clients=args.max_clients, udp=not args.no_udp))
 
     should_stop = stop_on_signals()
     try:
