@@ -70,11 +70,11 @@ def leftovers(topo: Topology) -> list[str]:
     found += [f"mount {line}" for line in mounts.splitlines() if str(topo.state_dir) in line]
     # The FUSE export of the name tree (/run/arrakis/<tag>/names) and its process.
     found += [f"mount {line}" for line in mounts.splitlines() if f" {topo.run_dir}/" in line]
-    procs_fuse = subprocess.run(["pgrep", "-af", f"kernelctl.fuse_export --instance {topo.tag} "],
+    procs_fuse = subprocess.run(["pgrep", "-af", "--", f"kernelctl.fuse_export --instance {topo.tag} "],
                                 capture_output=True, text=True).stdout
     found += [f"fuse process {line}" for line in procs_fuse.splitlines() if "pgrep" not in line]
-    procs = subprocess.run(["pgrep", "-af", f"--instance {topo.tag}"], capture_output=True, text=True).stdout
-    procs += subprocess.run(["pgrep", "-af", f"--tap {topo.tap}"], capture_output=True, text=True).stdout
+    procs = subprocess.run(["pgrep", "-af", "--", f"--instance {topo.tag}"], capture_output=True, text=True).stdout
+    procs += subprocess.run(["pgrep", "-af", "--", f"--tap {topo.tap}"], capture_output=True, text=True).stdout
     found += [f"process {line}" for line in procs.splitlines() if "pgrep" not in line]
     return found
 
@@ -139,14 +139,14 @@ def suite_leftovers() -> list[str]:
         name = line.split(": ")[1].split("@")[0] if ": " in line else ""
         if _TEST_NAMES.fullmatch(name):
             found.append(f"link {name}")
-    procs = subprocess.run(["pgrep", "-af", r"--instance t[0-9a-f]{5}|--tap vnict"], capture_output=True, text=True)
+    procs = subprocess.run(["pgrep", "-af", "--", r"--instance t[0-9a-f]{5}|--tap vnict"], capture_output=True, text=True)
     found += [f"process {line}" for line in procs.stdout.splitlines() if "pgrep" not in line]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     found += [f"loop {line}" for line in loops.splitlines() if "arx-" in line or _TEST_IMAGES.search(line)]
     mounts = Path("/proc/mounts").read_text()
     # Loop-mounted images under /var/lib/arrakis/<tag>/ and FUSE exports at /run/arrakis/<tag>/names.
     found += [f"mount {line}" for line in mounts.splitlines() if _TEST_IMAGES.search(line)]
-    fuse = subprocess.run(["pgrep", "-af", r"kernelctl.fuse_export --instance t[0-9a-f]{5} "],
+    fuse = subprocess.run(["pgrep", "-af", "--", r"kernelctl.fuse_export --instance t[0-9a-f]{5} "],
                           capture_output=True, text=True).stdout
     found += [f"fuse process {line}" for line in fuse.splitlines() if "pgrep" not in line]
     return found
@@ -162,7 +162,7 @@ def _purge_dead_instances(left: list[str]) -> None:
     that is older than any test. A younger one, or one with a live daemon, may belong to a
     test session running beside this one (a developer's, while CI runs on the same box)."""
     for tag in sorted({m.group(1) for item in left for m in re.finditer(r"\b(t[0-9a-f]{5})\b", item)}):
-        alive = subprocess.run(["pgrep", "-f", f"--instance {tag}"], capture_output=True, text=True).stdout
+        alive = subprocess.run(["pgrep", "-f", "--", f"--instance {tag}"], capture_output=True, text=True).stdout
         if not alive.strip() and _age_s(tag) > _OLDER_THAN_ANY_TEST_S:
             kernelctl(tag, "down", "--purge", check=False)
 
