@@ -12,7 +12,7 @@ import errno
 import itertools
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from kernelctl import fileproto as fp
 from kernelctl.client import ControlClient, ControlError
@@ -20,6 +20,9 @@ from vdev import control
 
 DEFAULT_TIMEOUT = 10.0
 READ_CHUNK = 1 << 20
+
+
+_R = TypeVar("_R", bound=fp.Reply)
 
 
 class FileRpcError(OSError):
@@ -48,7 +51,10 @@ class FileClient:
         self.broken = True
         return FileRpcError(errno.EIO, f"file server: {why}")
 
-    def call(self, request: fp.Request) -> fp.Reply:
+    def call(self, request: fp.Request, expected: type[_R]) -> _R:
+        """Send ``request``; its reply, which must be an ``expected``. The server is another
+        process: a reply of any other kind is a broken server (EIO), and an Error reply
+        its errno."""
         if self.broken:
             raise FileRpcError(errno.EIO, "file server: the connection failed earlier")
         try:
@@ -83,45 +89,38 @@ class FileClient:
             raise self._fail("a reply to another request")
         if isinstance(reply, fp.Error):
             raise FileRpcError(reply.errno or errno.EIO, reply.message)
-        expected = {fp.Open: fp.Opened, fp.Read: fp.Data, fp.Write: fp.Written, fp.Stat: fp.Stated,
-                    fp.ReadDir: fp.DirEntries, fp.Close: fp.Closed}[type(request)]
         if not isinstance(reply, expected):
             raise self._fail(f"a {type(reply).__name__} reply to {type(request).__name__}")
         return reply
 
     def open(self, path: str, write: bool = False) -> tuple[int, fp.Attr]:
-        reply = self.call(fp.Open(next(self._tags), path, write))
-        assert isinstance(reply, fp.Opened)  # checked in call(); for the type checker
+        reply = self.call(fp.Open(next(self._tags), path, write), fp.Opened)
         return reply.handle, reply.attr
 
     def read(self, handle: int, offset: int, count: int) -> bytes:
-        reply = self.call(fp.Read(next(self._tags), handle, offset, min(count, fp.MAX_IO)))
-        assert isinstance(reply, fp.Data)
+        reply = self.call(fp.Read(next(self._tags), handle, offset, min(count, fp.MAX_IO)), fp.Data)
         return reply.data
 
     def write(self, handle: int, offset: int, data: bytes) -> int:
-        reply = self.call(fp.Write(next(self._tags), handle, offset, data))
-        assert isinstance(reply, fp.Written)
+        reply = self.call(fp.Write(next(self._tags), handle, offset, data), fp.Written)
         return reply.count
 
     def stat(self, handle: int) -> fp.Attr:
-        reply = self.call(fp.Stat(next(self._tags), handle))
-        assert isinstance(reply, fp.Stated)
+        reply = self.call(fp.Stat(next(self._tags), handle), fp.Stated)
         return reply.attr
 
     def readdir(self, handle: int) -> list[tuple[int, str]]:
         entries: list[tuple[int, str]] = []
         cookie = 0
         while True:
-            reply = self.call(fp.ReadDir(next(self._tags), handle, cookie))
-            assert isinstance(reply, fp.DirEntries)
+            reply = self.call(fp.ReadDir(next(self._tags), handle, cookie), fp.DirEntries)
             entries += reply.entries
             if reply.next_cookie == 0 or not reply.entries:
                 return entries
             cookie = reply.next_cookie
 
     def close(self, handle: int) -> None:
-        self.call(fp.Close(next(self._tags), handle))
+        self.call(fp.Close(next(self._tags), handle), fp.Closed)
 
     def read_all(self, handle: int, chunk: int = READ_CHUNK) -> Iterator[bytes]:
         offset = 0

@@ -141,7 +141,7 @@ class NamesFs(pyfuse3.Operations):
         """(size, mtime_ns) from the file's server, over a pooled connection."""
         with self._pool_lock:
             pooled = self._pool.pop(path, None)
-        for attempt in (1, 2):
+        for _attempt in (1, 2):  # a pooled connection may have gone stale: one fresh try
             try:
                 if pooled is None:
                     with self._control_lock:
@@ -156,20 +156,22 @@ class NamesFs(pyfuse3.Operations):
                 else:
                     with pooled.lock:
                         attr = pooled.files.stat(pooled.handle)
-                break
             except (FileRpcError, ControlError):
                 if pooled is not None:
                     pooled.files.close_connection()
                     pooled = None
-                if attempt == 2:
-                    raise pyfuse3.FUSEError(errno.ENOENT) from None
-        assert pooled is not None
+                continue
+            self._keep(path, pooled)
+            return attr.size, attr.mtime_ns
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _keep(self, path: str, pooled: _Pooled) -> None:
+        """Pool ``pooled`` for ``path``, closing the least recently used past POOL_SIZE."""
         with self._pool_lock:
             self._pool[path] = pooled
             while len(self._pool) > POOL_SIZE:
                 _old, evicted = self._pool.popitem(last=False)
                 evicted.files.close_connection()
-        return attr.size, attr.mtime_ns
 
     def _attributes(self, name: dict[str, Any]) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()

@@ -117,7 +117,7 @@ class FileServer:
         mine.setblocking(False)
         self._channel = mine
         self._send_more(specs[control.MAX_NAMES_PER_REQUEST :])
-        self._thread = threading.Thread(target=self._run, name="file-server", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(mine,), name="file-server", daemon=True)
         self._thread.start()
 
     def publish(self, names: Iterable[tuple[str, Source | None, int]]) -> None:
@@ -164,10 +164,9 @@ class FileServer:
 
     # ---- the server thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, channel: socket.socket) -> None:
         selector = selectors.DefaultSelector()
-        assert self._channel is not None
-        selector.register(self._channel, selectors.EVENT_READ, "channel")
+        selector.register(channel, selectors.EVENT_READ, "channel")
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping:
@@ -175,7 +174,7 @@ class FileServer:
                     if key.data == "wake":
                         return
                     if key.data == "channel":
-                        if not self._on_notes(selector):
+                        if not self._on_notes(selector, channel):
                             return
                     else:
                         try:
@@ -191,12 +190,11 @@ class FileServer:
                 self._drop(selector, reader)
             selector.close()
 
-    def _on_notes(self, selector: selectors.BaseSelector) -> bool:
+    def _on_notes(self, selector: selectors.BaseSelector, channel: socket.socket) -> bool:
         """kernelctl's notes, each with a reader's socket; False when kernelctl went away."""
-        assert self._channel is not None
         for _ in range(NOTES_PER_TURN):
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self._channel, 4096, 4)
+                data, fds, _flags, _addr = socket.recv_fds(channel, 4096, 4)
             except BlockingIOError:
                 return True
             except OSError:
