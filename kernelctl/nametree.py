@@ -36,10 +36,12 @@ import sqlite3
 import stat as statmod
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from kernelctl.sqlite_tx import immediate
 
 Kind = Literal["dir", "served", "store", "vsa"]
 KINDS: tuple[str, ...] = ("dir", "served", "store", "vsa")
@@ -211,28 +213,8 @@ class NameTree:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise NameError_(f"name tree {self.path} is unusable: {exc}") from exc
-        try:
-            yield db
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise NameError_(f"name tree {self.path}: {exc}") from exc
-        except BaseException:
-            self._rollback()
-            raise
-
-    def _rollback(self) -> None:
-        try:
-            self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate(self._db, f"name tree {self.path}", NameError_)
 
     # ---- reading -------------------------------------------------------------------------
 

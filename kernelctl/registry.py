@@ -42,12 +42,14 @@ from __future__ import annotations
 import builtins
 import re
 import sqlite3
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, NamedTuple, TypeGuard
+
+from kernelctl.sqlite_tx import immediate
 
 BLOCK_SIZE = 4096
 EXTENT_UNIT_BLOCKS = 256  # 1 MiB
@@ -326,30 +328,8 @@ class Registry:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: the write lock is taken up front, so the check and the
-        change it depends on see the same database even with a second writer."""
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry {self.path} is unusable: {exc}") from exc
-        try:
-            yield db
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise RegistryError(f"registry {self.path}: {exc}") from exc
-        except BaseException:
-            self._rollback()
-            raise
-
-    def _rollback(self) -> None:
-        try:
-            self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # SQLite already rolled back (e.g. after SQLITE_FULL); nothing is committed
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return immediate(self._db, f"registry {self.path}", RegistryError)
 
     def _check_schema(self, db: sqlite3.Connection) -> None:
         try:
