@@ -29,6 +29,7 @@ from typing import Any
 from kernelctl import fuse_mount, names_cli, storage, tc, topology
 from kernelctl.client import ControlClient, ControlError
 from kernelctl.names import Topology
+from kernelctl.procs import wait_or_kill
 from kernelctl.names import topology as topology_names
 from vdev import control
 
@@ -115,17 +116,7 @@ def cmd_down(topo: Topology, args: argparse.Namespace) -> int:
         except (ControlError, OSError) as exc:
             print(f"kernelctl: shutdown request failed ({exc}); stopping it by signal", file=sys.stderr)
     if pid is not None:
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            try:
-                # Reap it if it is our child; otherwise just watch /proc.
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    break
-            except ChildProcessError:
-                pass
-            time.sleep(0.05)
-        if _daemon_pid(topo) == pid:
-            os.kill(pid, signal.SIGKILL)
+        wait_or_kill(pid, STOP_TIMEOUT, lambda: _daemon_pid(topo))
     # Whatever the daemon did or did not get to, leave nothing behind.
     fuse_mount.stop(topo)
     try:

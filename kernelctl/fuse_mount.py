@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from kernelctl.names import Topology
+from kernelctl.procs import wait_or_kill
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -104,16 +105,7 @@ def stop(topo: Topology) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    break
-            except ChildProcessError:
-                pass
-            time.sleep(0.05)
-        if _export_pid(topo) == pid:
-            os.kill(pid, signal.SIGKILL)
+        wait_or_kill(pid, STOP_TIMEOUT, lambda: _export_pid(topo))
     point = mountpoint(topo)
     for _ in range(3):
         if not mounted(point):
