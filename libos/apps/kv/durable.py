@@ -127,19 +127,7 @@ class CommandLog:
         self.engine = engine
         applied, covers = self._load_snapshot(engine)
         for _seq, record in self.log.records(covers):
-            parser = resp.RequestParser()
-            parser.feed(record)
-            while True:
-                try:
-                    argv = parser.next_request()
-                except resp.ProtocolError as exc:
-                    raise CommandLogError(f"a log record does not parse: {exc}") from None
-                if argv is None:
-                    break
-                engine.replay(argv)
-                applied += 1
-            if parser.buffered_bytes:
-                raise CommandLogError("a log record ends inside a command")
+            applied += self._apply(engine, record, "a log record")
         return applied
 
     def _load_snapshot(self, engine: KvEngine) -> tuple[int, int]:
@@ -153,10 +141,11 @@ class CommandLog:
         if len(data) < _SNAPSHOT_HEAD.size or data[:8] != _SNAPSHOT_MAGIC:
             raise CommandLogError("the snapshot file has no header")
         covers = _SNAPSHOT_HEAD.unpack_from(data)[1]
-        return self._apply(engine, data[_SNAPSHOT_HEAD.size :]), covers
+        return self._apply(engine, data[_SNAPSHOT_HEAD.size :], "the snapshot"), covers
 
     @staticmethod
-    def _apply(engine: KvEngine, record: bytes) -> int:
+    def _apply(engine: KvEngine, record: bytes, what: str) -> int:
+        """Replay every command in ``record`` (``what`` names it in errors); how many."""
         parser = resp.RequestParser()
         parser.feed(record)
         applied = 0
@@ -164,13 +153,13 @@ class CommandLog:
             try:
                 argv = parser.next_request()
             except resp.ProtocolError as exc:
-                raise CommandLogError(f"a snapshot does not parse: {exc}") from None
+                raise CommandLogError(f"{what} does not parse: {exc}") from None
             if argv is None:
                 break
             engine.replay(argv)
             applied += 1
         if parser.buffered_bytes:
-            raise CommandLogError("a snapshot ends inside a command")
+            raise CommandLogError(f"{what} ends inside a command")
         return applied
 
     def close(self) -> None:
