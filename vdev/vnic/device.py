@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from vdev.fast.mirror import make_fast_path
-from vdev.ratelimit import TokenBucket
+from vdev.ratelimit import RequestLimiter, TokenBucket
 from vdev.vnic.backend import WireBackend
 from vdev.vnic.default_function import DefaultFunction
 from vdev.vnic.filters import CONTROLLER_FUNCTION, DEFAULT_FUNCTION, TX_REFUSED, Delivery, FilterTable, Match
@@ -80,8 +80,9 @@ class VnicDevice:
         self.meters: dict[int, Meter] = {}
         # (flow id, total length, the frame's first bytes) for the controller; bounded.
         self.packet_ins: list[tuple[int, int, bytes]] = []
-        self._packet_in_tokens = float(MAX_PACKET_INS)
-        self._packet_in_time = 0.0
+        # The shared limiter in requests per second (bytes unlimited); it starts full.
+        self._packet_in_limit = RequestLimiter(int(PACKET_IN_RATE), RequestLimiter.UNLIMITED, 0.0,
+                                               burst_requests=MAX_PACKET_INS)
 
     # ---- configuration (from the control plane) -------------------------------------
 
@@ -199,13 +200,9 @@ class VnicDevice:
         flow = self.filters.flows.flows.get(flow_id)
         if flow is None:
             return
-        elapsed = max(0.0, now - self._packet_in_time)
-        self._packet_in_time = now
-        self._packet_in_tokens = min(float(MAX_PACKET_INS), self._packet_in_tokens + elapsed * PACKET_IN_RATE)
-        if len(self.packet_ins) >= MAX_PACKET_INS or self._packet_in_tokens < 1.0:
+        if len(self.packet_ins) >= MAX_PACKET_INS or not self._packet_in_limit.try_consume(0, now):
             self.counters.packet_ins_dropped += 1
             return
-        self._packet_in_tokens -= 1.0
         self.counters.packet_ins += 1
         self.packet_ins.append((flow_id, len(frame), bytes(frame[: flow.controller_len])))
 
