@@ -247,6 +247,16 @@ def test_a_bad_rss_setting_is_refused_whole(world: MultiQueueWorld, table: list[
     assert world.set_rss(MS_KEY, [0, 1, 2, 3]) == layout.RSS_STATE_ON
 
 
+def test_a_refused_setting_is_judged_once(world: MultiQueueWorld) -> None:
+    """The device's own state and refusal counter sit inside the RSS block; writing them must
+    not make the next look see a "new" setting and judge (and count) it again."""
+    assert world.set_rss(MS_KEY, [0, 1, 2, QUEUES]) == layout.RSS_STATE_REFUSED
+    for _ in range(5):
+        world.function.sync_rings()
+    assert world.function.regs.read32(layout.REG_RSS_REFUSALS) == 1
+    assert world.function.rss.refusals == 1
+
+
 def test_rss_off_and_reset_restore_the_filters_queue(world: MultiQueueWorld) -> None:
     world.set_rss(MS_KEY, [2])
     assert world.set_rss(MS_KEY, [2], control=0) == layout.RSS_STATE_OFF

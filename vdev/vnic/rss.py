@@ -57,6 +57,10 @@ def toeplitz_hash(key: bytes, data: bytes) -> int:
     return result
 
 
+# REG_RSS_STATE and REG_RSS_REFUSALS, as a slice of the block that starts at REG_RSS_CONTROL.
+_DEVICE_WRITTEN = slice(layout.REG_RSS_STATE - layout.REG_RSS_CONTROL, layout.REG_RSS_KEY - layout.REG_RSS_CONTROL)
+_DEVICE_WRITTEN_BYTES = layout.REG_RSS_KEY - layout.REG_RSS_STATE
+
 class ToeplitzHasher:
     """The same hash for a fixed key and 12-byte inputs, as twelve table look-ups: the
     contribution of every byte value at every input position is computed once per key."""
@@ -122,7 +126,11 @@ class RssSteering:
 
     def sync(self, regs: Registers) -> None:
         """Look at the driver's RSS block; act only on a setting that checks out whole."""
-        raw = bytes(regs.page[layout.REG_RSS_CONTROL : layout.RSS_BLOCK_END])  # read once
+        block = bytearray(regs.page[layout.REG_RSS_CONTROL : layout.RSS_BLOCK_END])  # read once
+        # Only what the driver writes decides whether the setting is new: the device's own
+        # state and refusal counter (written below) sit inside the block too.
+        block[_DEVICE_WRITTEN] = bytes(_DEVICE_WRITTEN_BYTES)
+        raw = bytes(block)
         if raw == self._raw:
             return
         self._raw = raw
