@@ -198,25 +198,70 @@ class NetStack:
         ahead, the frame is built in C straight into a TX buffer; otherwise (or when the
         writer declines: ring full, frame too long) it takes ``send_ip``, unchanged.
         """
-        writer = self.tcp_writer
-        if writer is not None and not self.outbox and segment.urgent == 0:
-            next_hop, dst_mac = self._resolve(dst_ip, now)
-            if next_hop is None:
-                return False
-            if dst_mac is not None:
-                ident = (self._ident + 1) & 0xFFFF
-                options = segment.options
-                if writer(
-                    dst_mac + self.mac + self.ip + dst_ip, self.ttl, ident,
-                    segment.src_port, segment.dst_port, segment.seq, segment.ack, segment.flags,
-                    segment.window, b"" if options is NO_OPTIONS else options.encode(), segment.payload,
-                ):  # fmt: skip
-                    self._ident = ident
-                    counters = self.counters
-                    counters.ipv4.tx_packets += 1
-                    counters.ethernet.tx_frames += 1
-                    return True
+        if segment.urgent == 0:
+            options = segment.options
+            written = self._write_tcp(
+                dst_ip, segment.src_port, segment.dst_port, segment.seq, segment.ack, segment.flags,
+                segment.window, b"" if options is NO_OPTIONS else options.encode(), segment.payload, now,
+            )  # fmt: skip
+            if written is not None:
+                return written
         return self.send_ip(dst_ip, ipv4.PROTO_TCP, segment.emit(self.ip, dst_ip), now)
+
+    def send_tcp_fields(
+        self,
+        dst_ip: bytes,
+        src_port: int,
+        dst_port: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | memoryview,
+        now: float,
+    ) -> bool:
+        """``send_tcp`` for a segment without options or urgent data, given as its header
+        fields: on the compiled path no segment object is made at all."""
+        written = self._write_tcp(dst_ip, src_port, dst_port, seq, ack, flags, window, b"", payload, now)
+        if written is not None:
+            return written
+        segment = TcpSegment(src_port, dst_port, seq, ack, flags, window, payload)
+        return self.send_ip(dst_ip, ipv4.PROTO_TCP, segment.emit(self.ip, dst_ip), now)
+
+    def _write_tcp(
+        self,
+        dst_ip: bytes,
+        src_port: int,
+        dst_port: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        options: bytes,
+        payload: bytes | memoryview,
+        now: float,
+    ) -> bool | None:
+        """The compiled writer's part of ``send_tcp``: True if the frame was posted, False
+        if there is no route (counted), None when the general path must take it."""
+        writer = self.tcp_writer
+        if writer is None or self.outbox:
+            return None
+        next_hop, dst_mac = self._resolve(dst_ip, now)
+        if next_hop is None:
+            return False
+        if dst_mac is None:
+            return None
+        ident = (self._ident + 1) & 0xFFFF
+        if not writer(
+            dst_mac + self.mac + self.ip + dst_ip, self.ttl, ident,
+            src_port, dst_port, seq, ack, flags, window, options, payload,
+        ):  # fmt: skip
+            return None
+        self._ident = ident
+        counters = self.counters
+        counters.ipv4.tx_packets += 1
+        counters.ethernet.tx_frames += 1
+        return True
 
     def receive_burst(self, frames: list[bytes], kinds: list[int], now: float) -> None:
         """Frames from the driver with what C found out about each (``libos.fast.KIND_*``).

@@ -56,6 +56,19 @@ class StackHooks(Protocol):
 
     def transmit(self, local_ip: bytes, remote_ip: bytes, segment: TcpSegment) -> None: ...
 
+    def transmit_fields(
+        self,
+        local_ip: bytes,
+        remote_ip: bytes,
+        src_port: int,
+        dst_port: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | memoryview,
+    ) -> None: ...
+
     def post_event(self, conn: TcpConnection, event: TcpEvent) -> None: ...
 
     def mark_dirty(self, conn: TcpConnection) -> None: ...
@@ -126,6 +139,7 @@ class TcpConnection:
             local_port=local_port,
             remote_port=remote_port,
             transmit=partial(stack.transmit, local_ip, remote_ip),
+            transmit_fields=partial(stack.transmit_fields, local_ip, remote_ip, local_port, remote_port),
             notify=notify,
         )
         self._tcb = tcb

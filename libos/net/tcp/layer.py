@@ -36,6 +36,10 @@ from libos.net.tcp.types import TcpConfig, TcpCounters, TcpEvent, TcpState
 from vdev.wire.errors import ChecksumError, TruncatedError, WireError
 from vdev.wire.tcp import ACK, RST, SYN, TcpSegment
 
+# (remote IP, source port, destination port, seq, ack, flags, window, payload, now) ->
+# True if the segment left; NetStack.send_tcp_fields.
+FieldsSender = Callable[[bytes, int, int, int, int, int, int, "bytes | memoryview", float], bool]
+
 # RFC 6056 recommends the whole range above 1023; we keep to the IANA dynamic range.
 EPHEMERAL_PORTS: Final = range(49152, 65536)
 MAX_BACKLOG: Final = 65535
@@ -102,6 +106,10 @@ class TcpLayer:
         # segment then takes the outbox. Only used while the outbox is empty, so segments
         # leave in the order they were made.
         self.direct_send: Callable[[bytes, TcpSegment, float], bool] | None = None
+        # The same for segments without options or urgent data, given as header fields:
+        # the data and ACK segments of an established connection, which then never
+        # become a Python object (``transmit_fields``).
+        self.direct_fields: FieldsSender | None = None
         self._events: deque[tuple[TcpConnection, TcpEvent]] = deque()
         self._connections: dict[FourTuple, TcpConnection] = {}
         self._listeners: dict[tuple[bytes | None, int], TcpListener] = {}
@@ -336,6 +344,30 @@ class TcpLayer:
         direct = self.direct_send
         if direct is not None and not self.outbox and direct(remote_ip, segment, self._last_now):
             return
+        self.outbox.append((remote_ip, local_ip, segment.emit(local_ip, remote_ip)))
+
+    def transmit_fields(
+        self,
+        local_ip: bytes,
+        remote_ip: bytes,
+        src_port: int,
+        dst_port: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes | memoryview,
+    ) -> None:
+        """``transmit`` for a segment without options or urgent data, as its header
+        fields: on the compiled path the frame is written in C with no segment object;
+        otherwise the same bytes as ``transmit`` would queue, from a segment made here."""
+        self.counters.segments_out += 1
+        direct = self.direct_fields
+        if direct is not None and not self.outbox and direct(
+            remote_ip, src_port, dst_port, seq, ack, flags, window, payload, self._last_now
+        ):
+            return
+        segment = TcpSegment(src_port, dst_port, seq, ack, flags, window, payload)
         self.outbox.append((remote_ip, local_ip, segment.emit(local_ip, remote_ip)))
 
     def post_event(self, conn: TcpConnection, event: TcpEvent) -> None:

@@ -28,6 +28,10 @@ class SackScoreboard:
 
     __slots__ = ("base", "_blocks", "sacked_bytes")
 
+    # ``_blocks`` is one list for the scoreboard's life, changed only in place, so the
+    # sender may keep a reference and test it for emptiness without a method call (it
+    # does on every segment; ``__bool__`` is a Python frame each time).
+
     def __init__(self) -> None:
         self.base = 0
         self._blocks: list[tuple[int, int]] = []
@@ -38,6 +42,11 @@ class SackScoreboard:
 
     def __bool__(self) -> bool:
         return bool(self._blocks)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The live list of ranges (never replaced): empty exactly when nothing is SACKed."""
+        return self._blocks
 
     def blocks(self) -> list[tuple[int, int]]:
         """The ranges as (start, end) offsets from ``base``, lowest first."""
@@ -59,7 +68,7 @@ class SackScoreboard:
             # acknowledged cumulatively; as in ``update``, the head is never skipped.
             if start > shift:
                 kept.append((start - shift, end - shift))
-        self._blocks = kept
+        self._blocks[:] = kept
         self.sacked_bytes = sum(end - start for start, end in kept)
 
     def update(self, blocks: tuple[tuple[int, int], ...], snd_una: int, snd_max: int) -> bool:
@@ -105,7 +114,7 @@ class SackScoreboard:
             # Forget the highest range: we may then resend bytes the peer holds, never
             # skip bytes it lacks.
             kept.pop()
-        self._blocks = kept
+        self._blocks[:] = kept
         self.sacked_bytes = sum(block_end - block_start for block_start, block_end in kept)
         return True
 

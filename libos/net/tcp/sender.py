@@ -18,7 +18,7 @@ from libos.net.tcp.lifecycle import Lifecycle, Notice, Notify
 from libos.net.tcp.receiver import Receiver
 from libos.net.tcp.rto import RtoEstimator
 from libos.net.tcp.sack import DUPTHRESH, SackScoreboard
-from libos.net.tcp.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_lt
+from libos.net.tcp.seq import SEQ_MASK, seq_add, seq_diff, seq_ge, seq_gt, seq_lt
 from libos.net.tcp.timers import Timers
 from libos.net.tcp.types import (
     OUTPUT_STATES,
@@ -55,6 +55,7 @@ class Sender:
         "_local_port",
         "_remote_port",
         "_transmit",
+        "_transmit_fields",
         "_notify",
         "buffer",
         "buffer_seq",
@@ -69,6 +70,7 @@ class Sender:
         "_persist_interval",
         "_persist_probes",
         "_scoreboard",
+        "_sacked",
         "_high_rxt",
         "_rxt_marks",
     )
@@ -86,10 +88,13 @@ class Sender:
         local_port: int,
         remote_port: int,
         transmit: Callable[[TcpSegment], None],
+        transmit_fields: Callable[[int, int, int, int, bytes | memoryview], None],
         notify: Notify,
     ) -> None:
         """``transmit`` hands a segment to the layer at once: its payload is a view of
-        the send buffer, valid only during the call."""
+        the send buffer, valid only during the call. ``transmit_fields`` does the same
+        for a segment without options, given as (seq, ack, flags, window, payload): the
+        common data and ACK segments then need no segment object."""
         self._tcb = tcb
         self._timers = timers
         self._receiver = receiver
@@ -99,6 +104,7 @@ class Sender:
         self._local_port = local_port
         self._remote_port = remote_port
         self._transmit = transmit
+        self._transmit_fields = transmit_fields
         self._notify = notify
         # Bytes written by the application and not yet acknowledged; buffer_seq is the
         # sequence number of buffer[0]. Only ever changed in place: the lifecycle holds
@@ -118,6 +124,7 @@ class Sender:
         self._persist_probes = 0
         # SACK (RFC 2018) as sender: the scoreboard and HighRxt of RFC 6675.
         self._scoreboard = SackScoreboard()
+        self._sacked = self._scoreboard.ranges  # the same list, always: empty = no SACK state
         self._high_rxt = tcb.iss
         # Retransmissions of this recovery: sequence number -> SND.MAX when it was sent.
         # Data sent after a retransmission and SACKed before it means the retransmission
@@ -187,7 +194,16 @@ class Sender:
         tcb = self._tcb
         state = tcb.state
         if state in OUTPUT_STATES:
-            self._send_data(now)
+            snd_nxt = tcb.snd_nxt
+            if (
+                tcb.fin_seq is not None
+                or snd_nxt != tcb.snd_max
+                or snd_nxt != (self.buffer_seq + len(self.buffer)) & SEQ_MASK
+            ):
+                # Else everything written was sent and no FIN is due: the loop would stop
+                # at once and the zero-window check find nothing to probe for. That is
+                # most calls (each ACK, each received request), so skip the call.
+                self._send_data(now)
         if tcb.window_update:
             tcb.window_update = False
             tcb.ack_now = True
@@ -199,11 +215,6 @@ class Sender:
     def _send_data(self, now: float) -> None:
         tcb = self._tcb
         data_end = seq_add(self.buffer_seq, len(self.buffer))
-        if tcb.fin_seq is None and tcb.snd_nxt == data_end == tcb.snd_max:
-            # Everything written was sent and no FIN is due: the loop below would stop at
-            # once and the zero-window check find nothing to probe for. This is the case
-            # of most calls (each ACK, each received request), so skip the set-up.
-            return
         congestion = self.congestion
         window = min(tcb.snd_wnd, congestion.cwnd)
         options = self._receiver.ack_options()
@@ -211,9 +222,10 @@ class Sender:
         # ride along take their room from the data.
         mss = tcb.snd_mss - _options_length(options)
         scoreboard = self._scoreboard
+        sacked = self._sacked
         while True:
             limit = mss
-            if scoreboard and seq_lt(tcb.snd_nxt, tcb.snd_max):
+            if sacked and seq_lt(tcb.snd_nxt, tcb.snd_max):
                 # Going back over sent data (after a timeout): skip what the peer
                 # reported holding, and stop each segment at the next reported block.
                 offset = seq_diff(tcb.snd_nxt, tcb.snd_una)
@@ -227,7 +239,7 @@ class Sender:
             flight = seq_diff(tcb.snd_nxt, tcb.snd_una)
             unsent = max(seq_diff(data_end, tcb.snd_nxt), 0)
             usable = window - flight
-            if scoreboard and not congestion.in_recovery:
+            if sacked and not congestion.in_recovery:
                 # SACKed bytes have left the network: they free congestion window (the
                 # pipe of RFC 6675), though not the peer's window. Before a loss is
                 # declared this is limited transmit (RFC 3042): each ACK that reports
@@ -284,18 +296,23 @@ class Sender:
         if push and count:
             flags |= PSH
         with memoryview(self.buffer) as view:
-            segment = TcpSegment(
-                self._local_port,
-                self._remote_port,
-                seq,
-                tcb.rcv_nxt,
-                flags,
-                self._receiver.window_field(),
-                view[offset : offset + count],
-                options,
-            )
-            self._transmit(segment)
-            segment.payload = b""
+            if options is NO_OPTIONS:
+                payload = view[offset : offset + count]
+                self._transmit_fields(seq, tcb.rcv_nxt, flags, self._receiver.window_field(), payload)
+                payload.release()  # the send buffer must stay resizable
+            else:
+                segment = TcpSegment(
+                    self._local_port,
+                    self._remote_port,
+                    seq,
+                    tcb.rcv_nxt,
+                    flags,
+                    self._receiver.window_field(),
+                    view[offset : offset + count],
+                    options,
+                )
+                self._transmit(segment)
+                segment.payload = b""
         end = seq_add(seq, count + fin)
         if seq_lt(seq, tcb.snd_max):
             self._counters.retransmits += 1
@@ -364,17 +381,21 @@ class Sender:
 
     def send_ack(self) -> None:
         receiver = self._receiver
-        segment = TcpSegment(
-            self._local_port,
-            self._remote_port,
-            self.control_seq(),
-            self._tcb.rcv_nxt,
-            ACK,
-            receiver.window_field(),
-            b"",
-            receiver.ack_options(),
-        )
-        self._transmit(segment)
+        options = receiver.ack_options()
+        if options is NO_OPTIONS:
+            self._transmit_fields(self.control_seq(), self._tcb.rcv_nxt, ACK, receiver.window_field(), b"")
+        else:
+            segment = TcpSegment(
+                self._local_port,
+                self._remote_port,
+                self.control_seq(),
+                self._tcb.rcv_nxt,
+                ACK,
+                receiver.window_field(),
+                b"",
+                options,
+            )
+            self._transmit(segment)
         self._acked_by_this_segment()
 
     def send_rst(self, seq: int) -> None:
@@ -435,7 +456,7 @@ class Sender:
     def prediction_ok(self) -> bool:
         """Whether an ACK would take only the plain branches of ``on_ack``: no SACK
         scoreboard, no loss recovery, no FIN of ours queued."""
-        return not self._scoreboard and not self.congestion.in_recovery and self._tcb.fin_seq is None
+        return not self._sacked and not self.congestion.in_recovery and self._tcb.fin_seq is None
 
     def predicted_ack(self, ack: int, acked: int, window_updated: bool, now: float) -> None:
         """``on_ack`` for a segment header prediction took (``prediction_ok`` held, the
@@ -445,7 +466,9 @@ class Sender:
             self.ack_advanced(ack, now)
         tcb = self._tcb
         if tcb.sack_ok:
-            self._scoreboard.advance(tcb.snd_una)  # what ``update`` does with no blocks
+            # What ``update`` does with no blocks; prediction runs only with none held,
+            # and then advancing is just moving the base.
+            self._scoreboard.base = tcb.snd_una
         if window_updated and tcb.snd_wnd:
             self._timers.persist = None
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Final
 
 SEQ_MOD: Final = 1 << 32
-_MASK: Final = SEQ_MOD - 1
+SEQ_MASK: Final = SEQ_MOD - 1  # x & SEQ_MASK wraps x to 32 bits, like seq_add but inline
+_MASK: Final = SEQ_MASK
 _HALF: Final = 1 << 31
 
 

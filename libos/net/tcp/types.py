@@ -9,6 +9,10 @@ from dataclasses import dataclass, fields
 class TcpState(enum.Enum):
     """Connection states of RFC 9293 3.3.2 (LISTEN lives in ``TcpListener``)."""
 
+    # Members are singletons compared by identity, so identity hashing is consistent;
+    # Enum's own __hash__ is a Python frame, and every ``state in SOME_STATES`` pays it.
+    __hash__ = object.__hash__
+
     CLOSED = "CLOSED"
     SYN_SENT = "SYN-SENT"
     SYN_RECEIVED = "SYN-RECEIVED"
