@@ -49,12 +49,14 @@ _APP_RUNTIME = {"streams.py", "common.py", "workers.py"}
 def classify_file(path: str) -> str:
     """The part (``app``, ``stack``, ``runtime``) a source file's CPU time belongs to.
 
-    ``path`` as py-spy names it: relative to a ``sys.path`` entry (``libos/net/stack.py``,
-    ``selectors.py``) or absolute. The first ``libos`` or ``vdev`` directory in it is taken
-    as the package root, so both spellings classify the same.
+    ``path`` as py-spy names it: absolute with ``--full-filenames`` (as sampled here), else
+    relative to the outermost package (``libos/net/stack.py``, ``selectors.py``). The last
+    ``libos`` or ``vdev`` directory in it is taken as the package root, so both spellings
+    classify the same, wherever the checkout is (even in a directory named ``libos``).
     """
     parts = PurePosixPath(path).parts
-    for index, name in enumerate(parts[:-1]):
+    for index in range(len(parts) - 2, -1, -1):
+        name = parts[index]
         if name == "vdev":
             return "stack"  # the ring and layout code the libOS imports from vdev (vdev/ring.py)
         if name == "libos":
@@ -143,10 +145,12 @@ class Sampler:
         if executable is None:
             self.why = "py-spy is not installed"
             return
+        # --full-filenames: py-spy would otherwise shorten a path to its outermost package
+        # (directories with an __init__.py), which a namespace package would lose.
         # --duration is only a bound: the sampler is stopped (SIGINT, on which py-spy writes
         # its file) when the step ends. Pinned to the clients' CPU, as the device hosts are,
         # so that it takes no CPU from the server it measures.
-        argv = [executable, "record", "--nonblocking", "--rate", str(RATE), "--format", "raw",
+        argv = [executable, "record", "--nonblocking", "--rate", str(RATE), "--format", "raw", "--full-filenames",
                 "--duration", "3600", "--pid", str(pid), "-o", str(self._out)]
         try:
             self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
