@@ -188,8 +188,6 @@ def test_without_py_spy_the_breakdown_falls_back_and_says_why(monkeypatch: pytes
 
 
 def test_a_process_that_is_gone_gives_no_samples_and_no_error() -> None:
-    done = subprocess.run([sys.executable, "-c", "pass"])
-    assert done.returncode == 0
     run: dict[str, Any] = {"cpu_us_per_request": {"app": {"user": 1.0, "kernel": 1.0}}}
     with costs.Sampler(2**22 + 12345) as sampler:  # above the default pid_max: no such process
         pass
