@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from matplotlib import image as mimage
 
 from kernelctl.names import topology
 from tests.conftest import PYTHON, REPO, require_root, unique_tag
-from tools import report
+from tools import costs, report
 from tools.latency import Distribution, DistributionError, parse_redis_benchmark
 from tools.reproduce import EXPERIMENTS
 
@@ -81,14 +83,157 @@ def test_samples_give_the_exact_empirical_distribution(samples: list[float]) -> 
         assert fraction == pytest.approx(sum(1 for s in samples if s > value) / len(samples))
 
 
+@pytest.mark.parametrize(
+    ("path", "part"),
+    [
+        ("libos/apps/kv/store.py", "app"),
+        ("libos/apps/memcache/server.py", "app"),
+        ("libos/apps/echo.py", "app"),
+        ("libos/apps/streams.py", "runtime"),  # the event loop every app shares
+        ("libos/apps/common.py", "runtime"),
+        ("libos/apps/workers.py", "runtime"),
+        ("libos/net/tcp/sender.py", "stack"),
+        ("libos/net/stack.py", "stack"),
+        ("libos/driver/vnic.py", "stack"),
+        ("libos/fast/__init__.py", "stack"),
+        ("libos/storage/log.py", "stack"),
+        ("vdev/ring.py", "stack"),
+        ("libos/api/vnic.py", "runtime"),
+        ("libos/api/queues.py", "runtime"),
+        ("libos/files/server.py", "runtime"),
+        ("selectors.py", "runtime"),
+        ("asyncio/base_events.py", "runtime"),
+        ("/usr/lib/python3.11/socket.py", "runtime"),
+        ("<frozen importlib._bootstrap>", "runtime"),
+        ("", "runtime"),
+        ("/work/wt/x/libos/net/stack.py", "stack"),  # py-spy --full-filenames spells them absolute
+        ("/work/wt/x/libos/apps/streams.py", "runtime"),
+        ("/src/libos/libos/net/stack.py", "stack"),  # a checkout in a directory named libos
+        ("/src/vdev/libos/apps/kv/store.py", "app"),
+    ],
+)
+def test_each_file_belongs_to_one_part(path: str, part: str) -> None:
+    assert costs.classify_file(path) == part
+
+
+_NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
+
+
+@given(st.lists(_NAME, max_size=4),  # even a directory named libos or vdev above the checkout
+       st.sampled_from(["libos/apps/kv/store.py", "libos/apps/streams.py", "libos/net/tcp/layer.py",
+                        "vdev/ring.py", "libos/api/linux.py", "libos/storage/log.py"]))
+def test_a_file_classifies_the_same_wherever_the_checkout_is(prefix: list[str], path: str) -> None:
+    assert costs.classify_file("/" + "/".join([*prefix, path])) == costs.classify_file(path)
+
+
+def test_frames_name_their_file() -> None:
+    assert costs.frame_file("Sender._send_segment (libos/net/tcp/sender.py:210)") == "libos/net/tcp/sender.py"
+    assert costs.frame_file("<module> (<frozen runpy>:88)") == "<frozen runpy>"
+    assert costs.frame_file("main (libos/apps/kv/__main__.py)") == "libos/apps/kv/__main__.py"  # no line
+    assert costs.frame_file("no file here") == ""
+
+
+def test_stacks_are_counted_by_their_leaf_frame() -> None:
+    collapsed = (
+        "<module> (libos/apps/kv/__main__.py:9);StreamServer.turn (libos/apps/streams.py:80);"
+        "KvSession.feed (libos/apps/kv/session.py:40) 7\n"
+        "<module> (libos/apps/kv/__main__.py:9);KvSession.feed (libos/apps/kv/session.py:40);"
+        "Sender._send_data (libos/net/tcp/sender.py:300) 5\n"
+        "<module> (libos/apps/kv/__main__.py:9);EpollSelector.select (selectors.py:468) 3\n"
+        "<module> (libos/apps/kv/__main__.py:9);DriverRing.completed (vdev/ring.py:12) 2\n"
+        "\ngarbage without a count\n"
+    )
+    assert costs.count_samples(collapsed) == {"app": 7, "stack": 7, "runtime": 3}
+    assert costs.count_samples("") == {"app": 0, "stack": 0, "runtime": 0}
+
+
+@given(st.floats(min_value=0, max_value=1e4, allow_nan=False),
+       st.dictionaries(st.sampled_from(costs.SAMPLED), st.integers(min_value=0, max_value=10**6)))
+def test_user_time_is_split_in_proportion_to_the_samples(user: float, samples: dict[str, int]) -> None:
+    parts = costs.split_user(user, samples)
+    assert set(parts) == set(costs.SAMPLED) and all(value >= 0 for value in parts.values())
+    total = sum(samples.values())
+    if total == 0:
+        assert all(value == 0 for value in parts.values())
+        return
+    assert sum(parts.values()) == pytest.approx(user, rel=1e-9, abs=1e-9)
+    for part in costs.SAMPLED:
+        assert parts[part] == pytest.approx(user * samples.get(part, 0) / total, rel=1e-9, abs=1e-9)
+
+
+_CPU = st.fixed_dictionaries({"user": st.floats(min_value=0, max_value=1e4), "kernel": st.floats(min_value=0, max_value=1e4)})
+
+
+@given(st.dictionaries(st.sampled_from(["app", "vnic_host", "vsic_host"]), _CPU).filter(lambda d: "app" in d),
+       st.none() | st.fixed_dictionaries({part: st.integers(min_value=0, max_value=1000) for part in costs.SAMPLED}))
+def test_the_breakdown_adds_up_to_the_measured_total(cpu: dict[str, dict[str, float]], samples: dict[str, int] | None) -> None:
+    parts = costs.breakdown(cpu, samples)
+    split = samples is not None and sum(samples.values()) > 0
+    assert tuple(parts) == (costs.PARTS if split else costs.UNSPLIT)
+    total = sum(p["user"] + p["kernel"] for p in cpu.values())
+    assert sum(parts.values()) == pytest.approx(total, rel=1e-9, abs=1e-6)
+    assert parts["kernel"] == cpu["app"]["kernel"]
+    assert parts["device_host"] == pytest.approx(total - cpu["app"]["user"] - cpu["app"]["kernel"], abs=1e-6)
+
+
+def test_without_py_spy_the_breakdown_falls_back_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(costs, "py_spy", lambda: None)
+    run: dict[str, Any] = {"cpu_us_per_request": {"app": {"user": 10.0, "kernel": 2.0}}}
+    with costs.Sampler(1) as sampler:
+        pass
+    sampler.record(run)
+    assert run["cpu_breakdown_us"] == {"user": 10.0, "kernel": 2.0, "device_host": 0.0}
+    assert run["cpu_breakdown_method"] == "user/kernel only: py-spy is not installed"
+    assert "cpu_samples" not in run
+
+
+def test_a_process_that_is_gone_gives_no_samples_and_no_error() -> None:
+    run: dict[str, Any] = {"cpu_us_per_request": {"app": {"user": 1.0, "kernel": 1.0}}}
+    with costs.Sampler(2**22 + 12345) as sampler:  # above the default pid_max: no such process
+        pass
+    sampler.record(run)
+    assert run["cpu_breakdown_method"].startswith("user/kernel only: ")
+    assert set(run["cpu_breakdown_us"]) == set(costs.UNSPLIT)
+
+
+def test_the_sampler_sees_where_a_python_process_spends_its_time(tmp_path: Path) -> None:
+    if costs.py_spy() is None:
+        pytest.skip("py-spy is not installed")
+    # A process whose CPU goes to a function in a file named like the libOS stack's.
+    (tmp_path / "libos" / "net").mkdir(parents=True)
+    (tmp_path / "libos" / "net" / "spin.py").write_text(
+        "import time\ndef spin(until):\n    while time.monotonic() < until:\n        pass\n")
+    child = subprocess.Popen([sys.executable, "-c", "import time; from libos.net.spin import spin; spin(time.monotonic() + 30)"],
+                             cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        time.sleep(0.3)
+        with costs.Sampler(child.pid, keep=tmp_path / "kept.txt") as sampler:
+            time.sleep(1.0)
+    finally:
+        child.kill()
+        child.wait()
+    assert sampler.samples is not None, sampler.why
+    assert sampler.samples["stack"] > 0.9 * sum(sampler.samples.values())
+    assert "spin (" in (tmp_path / "kept.txt").read_text()
+
+
 def _run(rps: float, p50: float, cpu: dict[str, dict[str, float]]) -> dict[str, Any]:
     latency = Distribution.from_samples([p50 * (1 + i / 50) for i in range(100)]).to_json()
     return {"rps": rps, "p50_us": p50, "p99_us": p50 * 3, "latency": latency, "cpu_us_per_request": cpu}
 
 
+def _sampled(run: dict[str, Any], samples: dict[str, int] | None) -> dict[str, Any]:
+    run["cpu_breakdown_us"] = costs.breakdown(run["cpu_us_per_request"], samples)
+    if samples:
+        run["cpu_samples"] = samples
+    return run
+
+
 def synthetic_results() -> dict[str, Any]:
     cpu = {"app": {"user": 40.0, "kernel": 2.0}, "vnic_host": {"user": 20.0, "kernel": 1.0}}
-    redis = {target: {"c1": _run(1e4, 50.0 * (i + 1), cpu), "c50": _run(2e4 * (i + 1), 400.0, cpu)}
+    split = {"app": 10, "stack": 20, "runtime": 10}
+    redis = {target: {"c1": _run(1e4, 50.0 * (i + 1), cpu),
+                      "c50": _sampled(_run(2e4 * (i + 1), 400.0, cpu), None if target == "real" else split)}
              for i, target in enumerate(("vnic", "linux", "real"))}
     udp = {target: {**_run(0, 30.0, cpu), "samples": 100} for target in ("vnic", "linux")}
     return {
@@ -131,7 +276,10 @@ def check_report(out: Path, results: dict[str, Any]) -> None:
         assert f"({plot})" in text
     assert_plotted(out / "fig3_ccdf.png", list(report.COLOURS.values()))
     assert_plotted(out / "throughput.png", list(report.COLOURS.values()))
-    assert_plotted(out / "cost_breakdown.png", ["#d62728", "#1f77b4"])  # server and VNIC host, user time
+    # The libOS stack, the runtime and the device host are drawn whenever the vnic server was sampled.
+    sampled = results["experiments"]["redis_get"]["vnic"]["c50"].get("cpu_samples")
+    parts = ["stack", "runtime", "device_host"] if sampled else ["user", "device_host"]
+    assert_plotted(out / "cost_breakdown.png", [colour for key, _, colour in report.COST_PARTS if key in parts])
     assert_plotted(out / "isolation.png", [report.COLOURS["vnic"], report.COLOURS["linux"]])
     assert_plotted(out / "scaling.png", list(report.COLOURS.values()))
     for name, experiment in results["experiments"].items():
@@ -148,6 +296,23 @@ def test_report_from_results(tmp_path: Path) -> None:
     assert "| GET | 20,000 | 40,000 | 60,000 | 0.50 | 1.75 (143,000 → 250,000) |" in text
     assert "| 2 | 18,000 | 36,000 | 54,000 |" in text
     assert "| speed-up 2/1 | 1.80 | 1.50 | 1.90 |" in text
+    # Sampled: user 40 split 1:2:1; not sampled (redis-server, and UDP here): user unsplit.
+    assert "| GET vnic | 10.0 | 20.0 | 10.0 | – | 2.0 | 21.0 | 63.0 | 40 |" in text
+    assert "| GET real | – | – | – | 40.0 | 2.0 | 21.0 | 63.0 | – |" in text
+    assert "| UDP echo linux | – | – | – | 40.0 | 2.0 | 21.0 | 63.0 | – |" in text
+
+
+def check_breakdown(run: dict[str, Any], sampled: bool) -> None:
+    """A run's cost breakdown: all its parts, none negative, adding up to the /proc total."""
+    parts = run["cpu_breakdown_us"]
+    total = sum(p["user"] + p["kernel"] for p in run["cpu_us_per_request"].values())
+    assert total > 0 and all(value >= 0 for value in parts.values()), run
+    assert sum(parts.values()) == pytest.approx(total, rel=1e-6, abs=0.05)
+    if sampled:
+        assert tuple(parts) == costs.PARTS, run["cpu_breakdown_method"]
+        assert sum(run["cpu_samples"].values()) > 0
+    else:
+        assert tuple(parts) in (costs.PARTS, costs.UNSPLIT)
 
 
 @pytest.mark.root
@@ -172,6 +337,18 @@ def test_quick_run_writes_a_whole_report(tmp_path: Path) -> None:
             run = experiment[target]["c1"] if name != "udp_echo" else experiment[target]
             assert run["latency"]["total"] > 0 and run["p50_us"] > 0
     assert results["experiments"]["redis_get"]["real"]["c50"]["rps"] > 0
+    # The cost breakdown of every throughput step. The GET step keeps a saturated server busy
+    # long enough for py-spy's samples even in a quick run; the shorter steps may catch too
+    # few, and then fall back to user/kernel, which is a valid answer too.
+    for name in ("redis_get", "durable_set", "udp_echo"):
+        for target in ("vnic", "linux"):
+            experiment = results["experiments"][name]
+            run = experiment[target]["c50"] if name != "udp_echo" else experiment[target]
+            check_breakdown(run, sampled=name == "redis_get")
+    real = results["experiments"]["redis_get"]["real"]["c50"]
+    check_breakdown(real, sampled=False)
+    assert tuple(real["cpu_breakdown_us"]) == costs.UNSPLIT and "no Python" in real["cpu_breakdown_method"]
+    assert (out / "stacks" / "redis_get-vnic.txt").exists()
     scaling = results["experiments"]["memcached_scaling"]
     assert scaling["status"] == "ok" and scaling["workers"][0] == 1 and len(scaling["workers"]) >= 2
     for target in ("vnic", "linux", "real"):

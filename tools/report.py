@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from tools import costs  # noqa: E402
+
 # One colour per target in every plot; the smoke test looks for these in the PNGs.
 COLOURS = {"vnic": "#d62728", "linux": "#1f77b4", "real": "#2ca02c"}
 LABELS = {"vnic": "vnic (bypass)", "linux": "linux backend", "real": "redis-server 7"}
@@ -117,42 +119,61 @@ def plot_throughput(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
-_PARTS = (("app", "user", "server, user"), ("app", "kernel", "server, kernel"),
-          ("vnic_host", "user", "VNIC device host, user"), ("vnic_host", "kernel", "VNIC device host, kernel"),
-          ("vsic_host", "user", "VSIC device host, user"), ("vsic_host", "kernel", "VSIC device host, kernel"))
-_PART_COLOURS = ("#d62728", "#ff9896", "#1f77b4", "#aec7e8", "#2ca02c", "#98df8a")
+# The parts of the cost breakdown (tools/costs.py), bottom to top: (key, legend label, colour).
+# "user" appears only where the server's user time could not be split (redis-server has no
+# Python; or py-spy was missing or failed): then it stands for app, stack and runtime together.
+COST_PARTS = (("app", "app logic", "#ff7f0e"), ("stack", "libOS network/storage stack", "#d62728"),
+              ("runtime", "runtime (queue API, event loop, stdlib)", "#9467bd"),
+              ("user", "user time, not split (no Python or no samples)", "#8c564b"),
+              ("kernel", "kernel and system calls", "#7f7f7f"), ("device_host", "device host", "#1f77b4"))
+_COST_EXPERIMENTS = (("redis_get", "GET", "c50"), ("durable_set", "durable SET", "c50"), ("udp_echo", "UDP echo", None))
 
 
-def _cost_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, float]]]]:
+def cost_breakdown(run: dict[str, Any]) -> dict[str, float]:
+    """A run's breakdown; for results written before there was one, the plain user/kernel split."""
+    recorded = run.get("cpu_breakdown_us")
+    return dict(recorded) if recorded else costs.breakdown(run["cpu_us_per_request"], None)
+
+
+def _cost_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(experiment title, target, run) of every throughput step that has a CPU measurement."""
     rows = []
-    for name, title, key in (("redis_get", "GET", "c50"), ("durable_set", "durable SET", "c50"),
-                             ("udp_echo", "UDP echo", None)):
+    for name, title, key in _COST_EXPERIMENTS:
         experiment = results["experiments"].get(name, {})
         if experiment.get("status") != "ok":
             continue
         for target in COLOURS:
             run = experiment.get(target)
             if run is not None:
-                rows.append((f"{title}\n{target}", (run[key] if key else run)["cpu_us_per_request"]))
+                rows.append((title, target, run[key] if key else run))
     return rows
 
 
 def plot_cost(results: dict[str, Any], path: Path) -> bool:
-    """CPU time per request, stacked by process and user/kernel: measured from /proc, not estimated."""
+    """CPU time per request as stacked bars, the targets of one experiment side by side."""
     rows = _cost_rows(results)
     if not rows:
         return False
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.6))
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.2 * len(rows)), 5.0))
+    # A gap between experiments: x advances one per bar and one more at each new experiment.
+    xs, x, previous = [], 0.0, rows[0][0]
+    for title, _, _ in rows:
+        x += 1.0 if title == previous else 1.8
+        previous = title
+        xs.append(x)
+    parts = [cost_breakdown(run) for _, _, run in rows]
     bottoms = [0.0] * len(rows)
-    for (who, kind, label), colour in zip(_PARTS, _PART_COLOURS):
-        heights = [cpu.get(who, {}).get(kind, 0.0) for _, cpu in rows]
+    for key, label, colour in COST_PARTS:
+        heights = [part.get(key, 0.0) for part in parts]
         if any(heights):
-            axis.bar([name for name, _ in rows], heights, bottom=bottoms, color=colour, label=label)
+            axis.bar(xs, heights, bottom=bottoms, color=colour, label=label, width=0.8)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
+    real = "redis-server\n(user/kernel only)"  # no Python in it: its user time cannot be split
+    names = [f"{title}\n{real if target == 'real' else target}" for title, target, _ in rows]
+    axis.set_xticks(xs, names, fontsize=8)
     axis.set_ylabel("CPU µs per request")
-    axis.set_title("where a request's CPU time goes (GET and SET: 50 clients; real server: its own process)")
-    axis.legend(fontsize=8)
-    axis.tick_params(axis="x", labelsize=8)
+    axis.set_title("where a request's CPU time goes (GET, SET: 50 clients; UDP: 1 in flight)", fontsize=10)
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -241,6 +262,34 @@ def _cpu_total(cpu: dict[str, dict[str, float]]) -> float:
     return sum(part["user"] + part["kernel"] for part in cpu.values())
 
 
+def _cost_markdown(results: dict[str, Any]) -> list[str]:
+    """The cost breakdown table: the numbers of cost_breakdown.png and how they were measured."""
+    lines = ["## CPU time per request (µs), measured", "",
+             "Each process's user and kernel time over the step, from /proc/PID/stat, divided by the requests. "
+             "The server's user time is split into app logic, libOS stack and runtime in proportion to py-spy "
+             f"samples of its Python stacks taken during the step ({costs.RATE}/s, each sample by the file of its "
+             "innermost frame; `tools/costs.py`); its kernel time is *kernel and system calls*; *device host* is the "
+             "VNIC and VSIC host processes' whole CPU time. Where no samples could be taken (redis-server has no "
+             "Python) the server's user time stays one part, *user, not split*. "
+             f"The paper: Linux spends {PAPER['udp_linux_us_per_packet']} µs per UDP echo packet, 70% of it in the "
+             f"network stack; a Redis read {PAPER['redis_read_us']} µs and a durable write {PAPER['redis_write_us']} µs.",
+             "", "| | app logic | libOS stack | runtime | user, not split | kernel and system calls | device host | "
+             "total | py-spy samples |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for title, target, run in _cost_rows(results):
+        parts = cost_breakdown(run)
+        cells = " | ".join(f"{parts[key]:.1f}" if key in parts else "–" for key, _, _ in COST_PARTS)
+        samples = run.get("cpu_samples")
+        count = str(sum(samples.values())) if samples else "–"
+        lines.append(f"| {title} {target} | {cells} | {_cpu_total(run['cpu_us_per_request']):.1f} | {count} |")
+        method = run.get("cpu_breakdown_method", "")
+        if method.startswith("user/kernel only") and target != "real":
+            notes.append(f"* {title} {target}: {method}")
+    if notes:
+        lines += ["", "Not split:", *notes]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     pin = results["pinning"]
@@ -282,16 +331,7 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{_num(c1['real']['p50_us'])} | {_num(c1['vnic']['p99_us'])} | {_num(c1['linux']['p99_us'])} | "
                          f"{_num(_ratio(c1['vnic']['p50_us'], c1['linux']['p50_us']), 2)} | {paper:.2f} |")
         lines += ["", "![throughput](throughput.png)", ""]
-    lines += ["## CPU time per request (µs), measured", "",
-              "User and kernel time of each process over the run, from /proc/PID/stat, divided by the requests. "
-              f"The paper: Linux spends {PAPER['udp_linux_us_per_packet']} µs per UDP echo packet, 70% of it in the "
-              f"network stack; a Redis read {PAPER['redis_read_us']} µs and a durable write {PAPER['redis_write_us']} µs.",
-              "", "| | server user | server kernel | device hosts | total |", "|---|---|---|---|---|"]
-    for name, cpu in _cost_rows(results):
-        app = cpu.get("app", {"user": 0.0, "kernel": 0.0})
-        hosts = sum(p["user"] + p["kernel"] for who, p in cpu.items() if who != "app")
-        lines.append(f"| {name.replace(chr(10), ' ')} | {app['user']:.1f} | {app['kernel']:.1f} | {hosts:.1f} | "
-                     f"{_cpu_total(cpu):.1f} |")
+    lines += _cost_markdown(results)
     lines += ["", "![cost](cost_breakdown.png)", ""]
     if udp.get("status") == "ok":
         lines += ["## UDP echo, one request in flight (µs)", "", "| | p50 | p99 | samples |", "|---|---|---|---|"]

@@ -17,7 +17,9 @@ It builds a topology instance of its own and, in one run, measures against the b
   linux (SO_REUSEPORT), and memcached ``-t N``: ``tools/scaling.py``.
 
 Every throughput step also records the CPU time per request of the server and of each device
-host, split into user and kernel time from /proc/PID/stat: the measured cost breakdown.
+host, split into user and kernel time from /proc/PID/stat, and samples the server's Python
+stacks with py-spy meanwhile: the measured cost breakdown into app logic, libOS stack, runtime,
+kernel and device host (``tools/costs.py``). ``--no-sampling`` leaves py-spy out.
 
 It writes ``results.json`` (every number, every distribution), ``report.md`` (each table with
 the paper's figure and the ratios beside ours) and PNG plots (``tools/report.py``) to the report
@@ -64,6 +66,7 @@ from tools.benchlib import (
     stop,
     write_json,
 )
+from tools.costs import Sampler
 from tools.isolation import IsolationRun
 from tools.latency import Distribution
 from tools.nsrun import run_in_netns
@@ -172,8 +175,18 @@ def server(topo: Topology, target: str, durable: bool, workdir: Path) -> Iterato
         stop(process)
 
 
+def sampler(process: subprocess.Popen[Any], target: str, sampling: Path | None, name: str) -> Sampler:
+    """py-spy on our server's process, its stacks kept in ``sampling/NAME-TARGET.txt``; nothing
+    to sample in redis-server (C) or with --no-sampling (``sampling`` None)."""
+    if target == "real":
+        return Sampler(None, "redis-server has no Python: user and kernel time only")
+    if sampling is None:
+        return Sampler(None, "not sampled (--no-sampling)")
+    return Sampler(process.pid, keep=sampling / f"{name}-{target}.txt")
+
+
 def run_redis(topo: Topology, steps: Steps, sizes: Sizes, hosts: dict[str, int], durable: bool,
-              workdir: Path) -> dict[str, Any]:
+              workdir: Path, sampling: Path | None) -> dict[str, Any]:
     test = "set" if durable else "get"
     name = "durable_set" if durable else "redis_get"
     small, large = (sizes.durable_c1, sizes.durable_c50) if durable else (sizes.get_c1, sizes.get_c50)
@@ -188,9 +201,11 @@ def run_redis(topo: Topology, steps: Steps, sizes: Sizes, hosts: dict[str, int],
                 pids = {"app": process.pid}
                 if target == "vnic":
                     pids.update({f"{kind}_host": pid for kind, pid in hosts.items()})
-                meter = CpuSplit(pids)
-                fifty = redis_benchmark_distribution(topo, host, port, test, 50, large)
-                fifty["cpu_us_per_request"] = meter.per_request_us(large)
+                with sampler(process, target, sampling, name) as sampled:
+                    meter = CpuSplit(pids)
+                    fifty = redis_benchmark_distribution(topo, host, port, test, 50, large)
+                    fifty["cpu_us_per_request"] = meter.per_request_us(large)
+                sampled.record(fifty)
         out[target] = {"c1": one, "c50": fifty}
     out["ratios"] = {
         "throughput_c50_vnic_over_linux": ratio(out["vnic"]["c50"]["rps"], out["linux"]["c50"]["rps"]),
@@ -201,7 +216,7 @@ def run_redis(topo: Topology, steps: Steps, sizes: Sizes, hosts: dict[str, int],
     return out
 
 
-def run_udp(topo: Topology, steps: Steps, sizes: Sizes, hosts: dict[str, int]) -> dict[str, Any]:
+def run_udp(topo: Topology, steps: Steps, sizes: Sizes, hosts: dict[str, int], sampling: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for target in ("vnic", "linux"):
         process = start_echo(target, topo.tag, ECHO_PORT, None)
@@ -210,17 +225,18 @@ def run_udp(topo: Topology, steps: Steps, sizes: Sizes, hosts: dict[str, int]) -
                 pids = {"app": process.pid}
                 if target == "vnic":
                     pids["vnic_host"] = hosts["vnic"]
-                meter = CpuSplit(pids)
                 ip = topo.vnic_ip if target == "vnic" else topo.linux_ip
-                rtts = run_in_netns(topo.client_netns, latency_client, (ip, ECHO_PORT), sizes.udp, 64,
-                                    timeout=600, cpu=CLIENT_CPU)
-                sent = sizes.udp + sizes.udp // 10  # latency_client warms up with a tenth more
+                with sampler(process, target, sampling, "udp_echo") as sampled:
+                    meter = CpuSplit(pids)
+                    rtts = run_in_netns(topo.client_netns, latency_client, (ip, ECHO_PORT), sizes.udp, 64,
+                                        timeout=600, cpu=CLIENT_CPU)
+                    cpu = meter.per_request_us(sizes.udp + sizes.udp // 10)  # the client warms up with a tenth more
                 if len(rtts) < sizes.udp // 2:
                     raise BenchError(f"udp echo on {target}: only {len(rtts)} of {sizes.udp} replies")
                 latency = Distribution.from_samples(rtts)
                 out[target] = {"p50_us": latency.percentile(0.5), "p99_us": latency.percentile(0.99),
-                               "samples": len(rtts), "cpu_us_per_request": meter.per_request_us(sent),
-                               "latency": latency.to_json()}
+                               "samples": len(rtts), "cpu_us_per_request": cpu, "latency": latency.to_json()}
+                sampled.record(out[target])
         finally:
             stop(process, timeout=15)
     out["ratios"] = {"p50_vnic_over_linux": ratio(out["vnic"]["p50_us"], out["linux"]["p50_us"])}
@@ -247,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="repro", help="topology instance to build for the run")
     parser.add_argument("--only", type=lambda text: text.split(","), default=list(EXPERIMENTS),
                         help=f"experiments to run, comma-separated (default all: {','.join(EXPERIMENTS)})")
+    parser.add_argument("--no-sampling", dest="sampling", action="store_false",
+                        help="no py-spy: the cost breakdown is only user and kernel time")
     args = parser.parse_args(argv)
     unknown = set(args.only) - set(EXPERIMENTS)
     if unknown:
@@ -278,13 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     planned = {"redis_get": 2 * len(TARGETS), "durable_set": 2 * len(TARGETS), "udp_echo": 2, "isolation": 6,
                "memcached_scaling": scaling_steps()}
     console = Console(stderr=True)
+    stacks = args.out / "stacks" if args.sampling else None  # py-spy's raw stacks, beside the report
     kernelctl(args.tag, "up")
     try:
         hosts = pin_device_hosts(topo, CLIENT_CPU)
         runs: dict[str, Callable[[Steps], dict[str, Any]]] = {
-            "redis_get": lambda steps: run_redis(topo, steps, sizes, hosts, False, workdir),
-            "durable_set": lambda steps: run_redis(topo, steps, sizes, hosts, True, workdir),
-            "udp_echo": lambda steps: run_udp(topo, steps, sizes, hosts),
+            "redis_get": lambda steps: run_redis(topo, steps, sizes, hosts, False, workdir, stacks),
+            "durable_set": lambda steps: run_redis(topo, steps, sizes, hosts, True, workdir, stacks),
+            "udp_echo": lambda steps: run_udp(topo, steps, sizes, hosts, stacks),
             "memcached_scaling": lambda steps: run_scaling(topo, steps.step, 2 if args.quick else 8),
             "isolation": lambda steps: IsolationRun(topo, sizes.isolation, steps.step, 1.5 if args.quick else 3.0).run(),
         }
