@@ -36,6 +36,13 @@ from vdev import layout
 from vdev.wire.ipv4 import PROTO_TCP
 
 YIELD_AFTER = 0.005  # seconds of idle polling between two sched_yield calls
+# The same for a worker of several (``become_worker``): the workers of one app are more
+# pollers than the machine may have free cores for, and a worker that holds a core shared
+# with the client or the device host for 5 ms at a time starves them. Measured with
+# memcaslap on 2 cores (tools/scaling.py), 2 workers: 5,572 ops/s at 5 ms, 13,333 at
+# 100 us; one worker: 16,637 and 15,947 (noise). A single app keeps 5 ms so that a steady
+# request stream at a few thousand per second costs it no system call.
+WORKER_YIELD_AFTER = 0.0001
 DEFAULT_POLL_WINDOW = 0.02  # seconds of polling after the last work before sleeping
 MAX_SLEEP = 0.05  # bounded so a lost wakeup costs latency, never progress
 # Frames that found the TX ring full wait for the next turn of the loop, up to this many;
@@ -87,6 +94,7 @@ class VnicLibOS(PollingRuntime):
         self._qd_by_port: dict[int, int] = {}
         self._last_work = time.monotonic()
         self._last_yield = 0.0
+        self.yield_after = YIELD_AFTER
         self.streams: VnicStreams | None = None
         self._tcp_claims: set[int] = set()  # TCP ports this function holds
         self._ephemeral: list[int] = []  # claimed for connect(), reusable
@@ -216,6 +224,8 @@ class VnicLibOS(PollingRuntime):
             raise LibOSError(f"no queue {queue}: the function has {len(self.drivers)}")
         driver = self.driver = self.drivers[queue]
         self._glean = True
+        if len(self.drivers) > 1:
+            self.yield_after = WORKER_YIELD_AFTER
         if self.streams is not None and self.stack is not None:
             self.streams.attach(self.stack, driver)
 
@@ -430,10 +440,11 @@ class VnicLibOS(PollingRuntime):
         if idle < self.poll_window:
             # Keep polling: work is likely to come back soon. But a poller that never lets
             # go of its CPU starves whatever shares it (on a small machine, the client or the
-            # device host), for a whole scheduler slice. So once idle for YIELD_AFTER, give
-            # the CPU away at most once per YIELD_AFTER: a system call only while there is
+            # device host), for a whole scheduler slice. So once idle for ``yield_after``, give
+            # the CPU away at most once per ``yield_after``: a system call only while there is
             # nothing to do, never on the way of a request that is being served.
-            if idle >= YIELD_AFTER and now - self._last_yield >= YIELD_AFTER:
+            yield_after = self.yield_after
+            if idle >= yield_after and now - self._last_yield >= yield_after:
                 self._last_yield = now
                 os.sched_yield()
             return
