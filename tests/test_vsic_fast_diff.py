@@ -347,16 +347,16 @@ def test_runs_that_do_not_fit_fall_back_or_stop_the_batch() -> None:
         assert fast is not None and ring is not None
         fast.sync(world.function.vsa, world.function.dma_table)
         ffi, lib = fast.ffi, fast.lib
-        out, runs = ffi.new("vs_req[]", 4), ffi.new("vs_run[]", 1)
+        out, runs, used = ffi.new("vs_req[]", 4), ffi.new("vs_run[]", 1), ffi.new("uint32_t *")
         descs = ffi.from_buffer("uint8_t[]", ring.descs)
         try:
-            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, RING, ring.iova, 0, 3, out, runs, 1) == 2
+            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, RING, ring.iova, 0, 3, out, runs, 1, used) == 2
             assert (out[0].status, out[1].status) == (lib.VS_FALLBACK, layout.DESC_OK)
-            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, RING, ring.iova, 2, 1, out, runs, 1) == 1
+            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, RING, ring.iova, 2, 1, out, runs, 1, used) == 1
             assert out[0].status == lib.VS_FALLBACK
             # A ring C cannot describe (not a power of two, or longer than its memory): none.
-            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, 12, ring.iova, 0, 3, out, runs, 1) == 0
-            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, 2 * RING, ring.iova, 0, 3, out, runs, 1) == 0
+            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, 12, ring.iova, 0, 3, out, runs, 1, used) == 0
+            assert lib.vs_check_batch(fast._fn, descs, ring.nbytes, 2 * RING, ring.iova, 0, 3, out, runs, 1, used) == 0
         finally:
             ffi.release(descs)
         # process() still completes all three, through the model where C handed back.

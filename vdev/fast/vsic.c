@@ -120,8 +120,11 @@ static int overlaps(uint64_t a, uint64_t a_len, uint64_t b, uint64_t b_len)
 
 uint32_t vs_check_batch(const vs_fn *fn, const uint8_t *descs, uint64_t descs_len, uint32_t ring_size,
                         uint64_t ring_iova, uint32_t first, uint32_t count, vs_req *out, vs_run *runs,
-                        uint32_t max_runs)
+                        uint32_t max_runs, uint32_t *runs_used)
 {
+    if (runs_used == NULL)
+        return 0;
+    *runs_used = 0;
     if (fn == NULL || descs == NULL || out == NULL || runs == NULL)
         return 0;
     /* A ring the Python model would not have opened: let it decide. */
@@ -193,5 +196,6 @@ uint32_t vs_check_batch(const vs_fn *fn, const uint8_t *descs, uint64_t descs_le
             break;
         }
     }
+    *runs_used = used;
     return n;
 }

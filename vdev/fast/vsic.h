@@ -75,7 +75,8 @@ typedef struct {
  *   - after a read whose buffer overlaps the descriptor array (the read rewrites
  *     descriptors the Python model would fetch only after it);
  *   - before a request whose runs do not fit in the max_runs left.
- * Returns 0 for a ring C cannot describe (the caller uses the Python model). */
+ * Returns 0 for a ring C cannot describe (the caller uses the Python model). *runs_used says
+ * how many runs the n results fill, so Python reads them back in one go. */
 uint32_t vs_check_batch(const vs_fn *fn, const uint8_t *descs, uint64_t descs_len, uint32_t ring_size,
                         uint64_t ring_iova, uint32_t first, uint32_t count, vs_req *out, vs_run *runs,
-                        uint32_t max_runs);
+                        uint32_t max_runs, uint32_t *runs_used);

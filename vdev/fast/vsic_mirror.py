@@ -43,6 +43,8 @@ class VsicFastCheck:
         self._runs: Any = ffi.new("vs_run[]", MAX_RUNS)
         self._out_words: Any = ffi.cast("uint64_t *", self._out)
         self._run_words: Any = ffi.cast("uint64_t *", self._runs)
+        self._runs_used: Any = ffi.new("uint32_t *")
+        self._batch_runs: list[int] = []  # the last batch's runs, flat (RUN_WORDS per run)
         self._maps: Any = None  # the C arrays vs_fn points at, kept alive here
         self._extents: Any = None
         self._table: DmaTable | None = None
@@ -100,18 +102,26 @@ class VsicFastCheck:
         try:
             done = self.lib.vs_check_batch(
                 self._fn, descs, ring.nbytes, ring.size, ring.iova, first & 0xFFFFFFFF, count,
-                self._out, self._runs, MAX_RUNS,
+                self._out, self._runs, MAX_RUNS, self._runs_used,
             )
         finally:
             ffi.release(descs)
         self.batches += 1
+        # Both read back with one unpack each: a field access on cdata costs more than the
+        # whole check of a request in C.
+        self._batch_runs = ffi.unpack(self._run_words, self._runs_used[0] * RUN_WORDS)
         words: list[int] = ffi.unpack(self._out_words, done * REQ_WORDS)
         return words
 
     def runs(self, packed: int) -> list[tuple[int, int, int]]:
-        """(physical block, count, byte offset in the mapping) of a request's ``runs`` word."""
+        """(physical block, count, byte offset in the mapping) of a request's ``runs`` word,
+        from the last ``check``."""
         start, count = packed & 0xFFFFFFFF, packed >> 32
-        words: list[int] = self.ffi.unpack(self._run_words + start * RUN_WORDS, count * RUN_WORDS)
+        flat = self._batch_runs
+        if count == 1:
+            at = start * RUN_WORDS
+            return [(flat[at], flat[at + 1], flat[at + 2])]
+        words = flat[start * RUN_WORDS : (start + count) * RUN_WORDS]
         return list(zip(words[0::3], words[1::3], words[2::3]))
 
 
