@@ -69,6 +69,11 @@ IOVAS = {
 }
 
 
+def _iova(value: int | str) -> int:
+    """An IOVA of a descriptor: a number, or one of IOVAS by name."""
+    return IOVAS[value] if isinstance(value, str) else value
+
+
 class RamStorage:
     """Storage in memory, its content fixed by a seed so both worlds start equal."""
 
@@ -123,7 +128,7 @@ class World:
         function = self.function
         if kind == "post":
             _, opcode, flags, block, count, iova, tag = op
-            self.ring.post(opcode, flags, 0, tag, block, count, 0, IOVAS.get(iova, iova) if isinstance(iova, str) else iova)
+            self.ring.post(opcode, flags, 0, tag, block, count, 0, _iova(iova))
             self.ring.publish()
         elif kind == "process":
             _, budget, now = op
@@ -232,7 +237,7 @@ def test_check_matches_the_python_check(vsa: tuple[list[tuple[int, int]], bool],
             for base in range(0, len(words), REQ_WORDS):
                 status, opflags, tag, block, count, iova, map_index, runs = words[base : base + REQ_WORDS]
                 _, opcode, flags, want_block, want_count, want_iova, want_tag = posts[done]
-                want_iova = IOVAS.get(want_iova, want_iova) if isinstance(want_iova, str) else want_iova
+                want_iova = _iova(want_iova)
                 assert (opflags & 0xFF, opflags >> 8, tag, block, count, iova) == (
                     opcode, flags, want_tag, want_block, want_count, want_iova)
                 assert status != fast.fallback, "an ordinary mirror never needs the model"

@@ -113,7 +113,7 @@ def c_check(rig: Rig) -> None:
             runs(words[base + 7])
 
 
-def measure(batch: Callable[[], None], rearm: Callable[[], None] | None, batches: int, repeats: int) -> float:
+def measure(batch: Callable[[], object], rearm: Callable[[], None] | None, batches: int, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.process_time()
