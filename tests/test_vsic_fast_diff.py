@@ -429,3 +429,16 @@ def test_sanitized_build_passes_the_vsic_differential_test() -> None:
         [sys.executable, "-c", "import vdev.fast.vsic_mirror as m; print(m.VsicFastCheck().module_name)"],
         cwd=REPO, env=env, capture_output=True, text=True,
     ).stdout
+
+
+def test_sanitized_build_passes_the_vsic_and_malicious_app_tests() -> None:
+    """The VSIC's functional and hostile-input tests (a malicious application against a
+    device host process, random descriptors, bad ring set-ups) on the ASan/UBSan build: the
+    host processes they start inherit the environment, so their checks run in it too."""
+    env = sanitized_vfast_env()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
+         str(REPO / "tests" / "test_vsic.py"), str(REPO / "tests" / "test_vsic_malicious.py"), "-o", "addopts="],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
