@@ -34,7 +34,6 @@ from hypothesis import strategies as st
 
 from tests.helpers import sanitized_vfast_env
 from vdev import layout
-from vdev.dma import DmaFault
 from vdev.fast.vsic_mirror import REQ_WORDS, VsicFastCheck
 from vdev.ring import DriverRing
 from vdev.vsic.function import FunctionConfig, VirtualStorageArea, VsicFunction
