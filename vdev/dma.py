@@ -103,6 +103,9 @@ class DmaTable:
         self._unmap_callbacks: list[UnmapCallback] = []
         # Mappings whose memory the device still had views of at unmap time (see unmap).
         self.stale_unmaps = 0
+        # Moves on every map and unmap: a mirror of the table (vdev.fast.vsic_mirror) is
+        # current while its copy's generation is this one.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._mappings)
@@ -150,6 +153,7 @@ class DmaTable:
         self._starts.insert(index, iova)
         self._mappings.insert(index, DmaMapping(iova, size, readable, writable, memory))
         self.mapped_bytes += size
+        self.generation += 1
 
     def _check_range(self, iova: int, size: int, offset: int) -> None:
         if size <= 0:
@@ -203,6 +207,7 @@ class DmaTable:
             del self._starts[index]
             del self._mappings[index]
             self.mapped_bytes -= mapping.size
+            self.generation += 1
             if self._last is mapping:
                 self._last = None
             try:

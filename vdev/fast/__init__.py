@@ -17,6 +17,10 @@ PACKET_MMAP would remove them on receive but is a new backend. Measured on this 
 Python loop (``TapBackend.receive``), 0.96 us with ``vf_read_burst``; the system call is
 most of what remains, which is where an io_uring or PACKET_MMAP backend would go next.
 
+The same module holds the VSIC's request check and translation (``vsic.c``, mirrored by
+``vsic_mirror.py``): C decides and translates a batch of requests, the Python model in
+``vdev.vsic.function`` still does the I/O and completions.
+
 Selection: ``ARRAKIS_PURE=1`` keeps the pure-Python path; ``ARRAKIS_VDEV_FAST=asan`` loads the
 AddressSanitizer/UBSan build (the process must preload libasan). Build with
 ``python -m vdev.fast.build`` (``--sanitize`` for the second module).
