@@ -15,8 +15,12 @@ from kernelctl.names import Topology
 from tests.conftest import kernelctl
 from tests.helpers import echo_app, run_in_netns
 from tests.test_e2e_udp import echo_sizes_client
+from vdev.fast import pure_requested
 
-pytestmark = pytest.mark.root
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(pure_requested(), reason="ARRAKIS_PURE=1: the device host runs the Python model by request"),
+]
 
 
 def test_udp_echo_runs_on_the_compiled_path(instance: Topology) -> None:
