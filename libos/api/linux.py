@@ -54,6 +54,7 @@ class _Stream:
     """What the backend knows of one TCP socket between edge-triggered events."""
 
     sock: socket_module.socket
+    qd: int = -1
     registered: bool = False
     listening: bool = False
     connecting: int = 0  # the pending connect token, 0 when none
@@ -88,6 +89,7 @@ class LinuxLibOS(PollingRuntime):
         self._epoll = select.epoll()
         self._sockets: dict[int, socket_module.socket] = {}
         self._by_fd: dict[int, int] = {}
+        self._stream_by_fd: dict[int, _Stream] = {}  # registered streams, by socket fd
         self._readable: set[int] = set()
         self._unsent: dict[int, deque[tuple[bytes, Address]]] = {}
         self._streams: dict[int, _Stream] = {}
@@ -122,10 +124,9 @@ class LinuxLibOS(PollingRuntime):
 
     def pop(self, qd: int) -> int:
         token = self.table.pop(qd)
-        if self._streams:
-            stream = self._streams.get(qd)
-            if stream is not None:
-                self._pop_stream(qd, stream)
+        stream = self._streams.get(qd)
+        if stream is not None and (stream.readable or stream.eof or stream.error or stream.listening):
+            self._pop_stream(qd, stream)
         return token
 
     def pushto(self, qd: int, data: bytes, address: Address) -> int:
@@ -155,6 +156,8 @@ class LinuxLibOS(PollingRuntime):
         table = self.table
         if self._stream_work:
             work += self._progress_streams()
+        if not self._readable:
+            return work
         for qd in list(self._readable):
             sock = self._sockets.get(qd)
             if sock is None:
@@ -192,17 +195,22 @@ class LinuxLibOS(PollingRuntime):
     def _sleep(self, timeout: float) -> None:
         if self._readable or self._stream_work:
             return  # a burst was cut short: more is waiting, no need to ask the kernel
-        streams = self._streams
+        stream_by_fd = self._stream_by_fd
+        waiting_pops = self.table.waiting_pops
         for fd, mask in self._epoll.poll(timeout):
-            qd = self._by_fd.get(fd)
-            if qd is None:
-                lingering = self._lingering.get(fd)
-                if lingering is not None and mask & _WRITE_EVENTS:
-                    lingering.writable = True
-                    self._flush_lingering(fd, lingering)
-                continue
-            stream = streams.get(qd)
+            stream = stream_by_fd.get(fd)
             if stream is not None:
+                qd = stream.qd
+                if mask == select.EPOLLIN:
+                    # The usual event of a busy connection, handled here: new data for a
+                    # connection that has a pop waiting and nothing else to do.
+                    stream.readable = True
+                    if waiting_pops[qd] and not stream.unsent and not stream.connecting and not stream.listening:
+                        if self._read(qd, stream):
+                            self._stream_work.add(qd)  # the burst was cut short
+                        continue
+                    self._stream_work.add(qd)
+                    continue
                 if mask & _READ_EVENTS:
                     stream.readable = True
                     if mask & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
@@ -210,6 +218,13 @@ class LinuxLibOS(PollingRuntime):
                 if mask & _WRITE_EVENTS:
                     stream.writable = True
                 self._stream_work.add(qd)
+                continue
+            qd = self._by_fd.get(fd)
+            if qd is None:
+                lingering = self._lingering.get(fd)
+                if lingering is not None and mask & _WRITE_EVENTS:
+                    lingering.writable = True
+                    self._flush_lingering(fd, lingering)
                 continue
             if mask & select.EPOLLOUT:
                 self._flush(qd)
@@ -250,7 +265,7 @@ class LinuxLibOS(PollingRuntime):
             sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEPORT, 1)
         qd = self.table.new_queue(SocketKind.TCP)
         self._sockets[qd] = sock
-        self._streams[qd] = _Stream(sock)
+        self._streams[qd] = _Stream(sock, qd)
         return qd
 
     def _stream(self, qd: int) -> _Stream:
@@ -264,7 +279,7 @@ class LinuxLibOS(PollingRuntime):
         if not stream.registered:
             fd = stream.sock.fileno()
             self._epoll.register(fd, _STREAM_EVENTS)
-            self._by_fd[fd] = qd
+            self._stream_by_fd[fd] = stream
             stream.registered = True
 
     def listen(self, qd: int, backlog: int) -> None:
@@ -312,28 +327,31 @@ class LinuxLibOS(PollingRuntime):
         return token
 
     def push(self, qd: int, data: bytes) -> int:
-        stream = self._stream(qd)
+        stream = self._streams.get(qd)
+        if stream is None:
+            stream = self._stream(qd)  # raises: not a queue, or not a TCP one
         table = self.table
         if not stream.connected:
             raise LibOSError(f"queue {qd} is not connected")
         if stream.error:
             table.counters.push_failed += 1
             return table.completed(Opcode.FAILED, qd, error=stream.error)
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        if type(data) is not bytes:
+            data = bytes(data)
         sent = 0
         if not stream.unsent:
             try:
-                sent = stream.sock.send(view)
+                sent = stream.sock.send(data)
             except BlockingIOError:
                 stream.writable = False
             except OSError as exc:
                 self._stream_failed(qd, stream, _strerror(exc))
                 table.counters.push_failed += 1
                 return table.completed(Opcode.FAILED, qd, error=stream.error)
-            if sent == len(view):
-                table.counters.pushed += 1
-                return table.completed(Opcode.PUSH, qd)
+            if sent == len(data):
+                return table.push_done(qd)
             stream.writable = False  # a short send: the buffer is full, EPOLLOUT will say when not
+        view = memoryview(data)
         if len(stream.unsent) >= MAX_PENDING_SENDS:
             table.counters.push_failed += 1
             return table.completed(Opcode.FAILED, qd, error="send queue full")
@@ -394,9 +412,10 @@ class LinuxLibOS(PollingRuntime):
     def _read(self, qd: int, stream: _Stream) -> bool:
         """Complete waiting pops from the socket; True if more could be read right now."""
         table = self.table
+        waiting = table.waiting_pops[qd]
         recv = stream.sock.recv
         for _ in range(RECV_BURST):
-            if not table.wants_data(qd):
+            if not waiting:
                 return False
             try:
                 data = recv(RECV_SIZE)
@@ -416,7 +435,7 @@ class LinuxLibOS(PollingRuntime):
             if len(data) < RECV_SIZE and not stream.peer_closed:
                 stream.readable = False  # drained; see the module docstring
                 return False
-        return stream.readable and table.wants_data(qd)
+        return stream.readable and bool(waiting)
 
     def _send_unsent(self, qd: int, stream: _Stream) -> None:
         unsent = stream.unsent
@@ -488,7 +507,7 @@ class LinuxLibOS(PollingRuntime):
         except OSError:
             pass  # a connection reset already: the first recv reports it
         qd = self.table.new_queue(SocketKind.TCP)
-        stream = _Stream(sock, connected=True, readable=True, writable=True)
+        stream = _Stream(sock, qd, connected=True, readable=True, writable=True)
         self._sockets[qd] = sock
         self._streams[qd] = stream
         self._register(qd, stream)
@@ -505,7 +524,7 @@ class LinuxLibOS(PollingRuntime):
             accepted.close()
         if stream.registered:
             fd = sock.fileno()
-            del self._by_fd[fd]
+            del self._stream_by_fd[fd]
             if stream.unsent and not stream.error:
                 self._lingering[fd] = stream
                 self._flush_lingering(fd, stream)

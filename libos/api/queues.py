@@ -24,6 +24,10 @@ MAX_QUEUED_DATAGRAMS = 1024  # per queue: like a socket's receive buffer, drops 
 # ``take`` looks the completed tokens up in the caller's list while there are at most this
 # many; beyond (an application that leaves results uncollected), it walks the list.
 _DIRECT_LOOKUP = 16
+# QResult(...) runs the named tuple's __new__, a Python function; building the tuple
+# directly (every field given) costs half as much on the per-request paths.
+_new_result = tuple.__new__
+_POP = Opcode.POP
 
 
 @dataclass
@@ -50,7 +54,9 @@ class QueueTable:
         self._next_qd = itertools.count(3)  # like fds: 0-2 look like stdio, avoid them
         self.kinds: dict[int, SocketKind] = {}
         self._arrived: dict[int, deque[tuple[bytes, Address | None]]] = {}
-        self._waiting_pops: dict[int, deque[int]] = {}
+        # qd -> tokens of the pops waiting on it, oldest first (a backend may read these,
+        # e.g. to skip reading a stream that nobody waits on; it completes them with deliver)
+        self.waiting_pops: dict[int, deque[int]] = {}
         self._token_qd: dict[int, int] = {}
         self._pending: dict[int, set[int]] = {}  # qd -> backend-completed tokens
         self.done: dict[int, QResult] = {}
@@ -63,7 +69,7 @@ class QueueTable:
         qd = next(self._next_qd)
         self.kinds[qd] = kind
         self._arrived[qd] = deque()
-        self._waiting_pops[qd] = deque()
+        self.waiting_pops[qd] = deque()
         self._pushed[qd] = QResult(Opcode.PUSH, qd)
         return qd
 
@@ -83,7 +89,7 @@ class QueueTable:
         del self.kinds[qd]
         del self._arrived[qd]
         self._pushed.pop(qd, None)
-        for token in self._waiting_pops.pop(qd):
+        for token in self.waiting_pops.pop(qd):
             self._token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
         for token in self._pending.pop(qd, ()):
@@ -96,9 +102,9 @@ class QueueTable:
         arrived = self._arrived[qd]
         if arrived:
             data, address = arrived.popleft()
-            self.done[token] = QResult(Opcode.POP, qd, data, address)
+            self.done[token] = _new_result(QResult, (_POP, qd, data, address, -1, ""))
         else:
-            self._waiting_pops[qd].append(token)
+            self.waiting_pops[qd].append(token)
             self._token_qd[token] = qd
         return token
 
@@ -108,6 +114,13 @@ class QueueTable:
             self.done[token] = self.pushed(qd)
         else:
             self.done[token] = QResult(opcode, qd, error=error)
+        return token
+
+    def push_done(self, qd: int) -> int:
+        """A successful push on ``qd``, counted: a token completed with the shared result."""
+        token = next(self._next_token)
+        self.done[token] = self._pushed[qd]
+        self.counters.pushed += 1
         return token
 
     def result(self, result: QResult) -> int:
@@ -136,20 +149,20 @@ class QueueTable:
 
     def fail_pops(self, qd: int, error: str) -> None:
         """Fail every ``pop`` waiting on ``qd`` (a stream that was reset)."""
-        waiting = self._waiting_pops.get(qd)
+        waiting = self.waiting_pops.get(qd)
         while waiting:
             token = waiting.popleft()
             self._token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error=error)
 
     def deliver(self, qd: int, data: bytes, address: Address | None) -> None:
-        waiting = self._waiting_pops.get(qd)
+        waiting = self.waiting_pops.get(qd)
         if waiting is None:
             return
         if waiting:
             token = waiting.popleft()
             del self._token_qd[token]
-            self.done[token] = QResult(Opcode.POP, qd, data, address)
+            self.done[token] = _new_result(QResult, (_POP, qd, data, address, -1, ""))
         else:
             arrived = self._arrived[qd]
             if len(arrived) >= MAX_QUEUED_DATAGRAMS:
@@ -159,7 +172,7 @@ class QueueTable:
         self.counters.delivered += 1
 
     def wants_data(self, qd: int) -> bool:
-        return bool(self._waiting_pops.get(qd))
+        return bool(self.waiting_pops.get(qd))
 
     def take(self, tokens: list[int]) -> tuple[int, QResult] | None:
         """The first token of ``tokens`` (by position) that completed, with its result,
@@ -182,6 +195,14 @@ class QueueTable:
     def take_many(self, tokens: Collection[int]) -> list[tuple[int, QResult]]:
         """Every completed token of ``tokens`` with its result, taken out (completion
         order); [] if none. LibOSError if a token is neither completed nor pending."""
+        found = self.take_completed(tokens)
+        if not found:
+            self.check_tokens(tokens)
+        return found
+
+    def take_completed(self, tokens: Collection[int]) -> list[tuple[int, QResult]]:
+        """``take_many`` without the check that every token is known: for a wait that
+        already checked them (a token only leaves the table by being taken)."""
         done = self.done
         if done:
             # Walk the shorter side; membership in ``tokens`` is O(1) for a dict or set.
@@ -192,12 +213,15 @@ class QueueTable:
             if found:
                 pop = done.pop
                 return [(token, pop(token)) for token in found]
+        return []
+
+    def check_tokens(self, tokens: Collection[int]) -> None:
+        """LibOSError unless every token of ``tokens`` is pending (or completed)."""
         token_qd = self._token_qd
         if not all(map(token_qd.__contains__, tokens)):
             for token in tokens:
-                if token not in token_qd:
+                if token not in token_qd and token not in self.done:
                     raise LibOSError(f"unknown token {token}")
-        return []
 
     def _take_by_lookup(self, tokens: list[int]) -> tuple[int, QResult] | None:
         """Few completions wait (the usual case, a server waiting on one token per
@@ -267,11 +291,14 @@ class PollingRuntime:
         found = table.take_many(tokens)
         if found:
             return found
+        # Every token is known now; until this call returns, one only leaves the table
+        # by being taken here, so the loop below need not check them again.
+        take = table.take_completed
         monotonic = time.monotonic
         deadline = None if timeout is None else monotonic() + timeout
         while True:
             self._progress(monotonic())
-            found = table.take_many(tokens)
+            found = take(tokens)
             if found:
                 return found
             if deadline is not None:
