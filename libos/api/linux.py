@@ -219,17 +219,17 @@ class LinuxLibOS(PollingRuntime):
                     stream.writable = True
                 self._stream_work.add(qd)
                 continue
-            qd = self._by_fd.get(fd)
-            if qd is None:
+            udp_qd = self._by_fd.get(fd)
+            if udp_qd is None:
                 lingering = self._lingering.get(fd)
                 if lingering is not None and mask & _WRITE_EVENTS:
                     lingering.writable = True
                     self._flush_lingering(fd, lingering)
                 continue
             if mask & select.EPOLLOUT:
-                self._flush(qd)
+                self._flush(udp_qd)
             if mask & (select.EPOLLIN | select.EPOLLERR):
-                self._readable.add(qd)
+                self._readable.add(udp_qd)
 
     def close(self, qd: int) -> None:
         stream = self._streams.get(qd)

@@ -97,7 +97,8 @@ class QueueTable:
             self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
 
     def pop(self, qd: int) -> int:
-        self.check(qd)
+        if qd not in self.kinds:
+            self.check(qd)  # raises
         token = next(self._next_token)
         arrived = self._arrived[qd]
         if arrived:
