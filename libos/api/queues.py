@@ -216,6 +216,14 @@ class QueueTable:
                 return [(token, pop(token)) for token in found]
         return []
 
+    def take_done(self, token: int) -> QResult | None:
+        """``token``'s result if completed, taken out; None if pending; LibOSError if
+        unknown."""
+        result = self.done.pop(token, None)
+        if result is None and token not in self._token_qd:
+            raise LibOSError(f"unknown token {token}")
+        return result
+
     def check_tokens(self, tokens: Collection[int]) -> None:
         """LibOSError unless every token of ``tokens`` is pending (or completed)."""
         token_qd = self._token_qd
@@ -309,6 +317,10 @@ class PollingRuntime:
                 self._sleep(left)
             else:
                 self._sleep(3600.0)
+
+    def take_done(self, token: int) -> QResult | None:
+        """See ``LibOS.take_done``."""
+        return self.table.take_done(token)
 
     def wait(self, token: int, timeout: float | None = None) -> QResult | None:
         found = self.wait_any([token], timeout)
