@@ -35,7 +35,7 @@ import socket as socket_module
 from collections import deque
 from dataclasses import dataclass, field
 
-from libos.api.queues import PollingRuntime, QueueTable
+from libos.api.queues import POP, PollingRuntime, QueueTable, new_result
 from libos.api.types import Address, LibOSError, Opcode, QResult, SocketKind
 
 RECV_BURST = 64
@@ -47,6 +47,7 @@ MAX_BACKLOG = 65535
 _STREAM_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_IN_OUT = select.EPOLLIN | select.EPOLLOUT
 
 
 @dataclass(slots=True, eq=False)
@@ -201,14 +202,16 @@ class LinuxLibOS(PollingRuntime):
             stream = stream_by_fd.get(fd)
             if stream is not None:
                 qd = stream.qd
-                if mask == select.EPOLLIN:
-                    # The usual event of a busy connection, handled here: new data for a
-                    # connection that has a pop waiting and nothing else to do.
+                if mask == _IN_OUT or mask == select.EPOLLIN:
+                    # The usual event of a busy connection (new data, often with send space
+                    # freed by the peer's ACK), handled here when nothing else waits on it.
                     stream.readable = True
-                    if waiting_pops[qd] and not stream.unsent and not stream.connecting and not stream.listening:
-                        if self._read(qd, stream):
+                    if mask == _IN_OUT:
+                        stream.writable = True
+                    if not stream.unsent and not stream.connecting and not stream.listening:
+                        if waiting_pops[qd] and self._read(qd, stream):
                             self._stream_work.add(qd)  # the burst was cut short
-                        continue
+                        continue  # without a pop waiting, the next pop reads
                     self._stream_work.add(qd)
                     continue
                 if mask & _READ_EVENTS:
@@ -413,6 +416,9 @@ class LinuxLibOS(PollingRuntime):
         """Complete waiting pops from the socket; True if more could be read right now."""
         table = self.table
         waiting = table.waiting_pops[qd]
+        token_qd = table.token_qd
+        done = table.done
+        counters = table.counters
         recv = stream.sock.recv
         for _ in range(RECV_BURST):
             if not waiting:
@@ -431,7 +437,11 @@ class LinuxLibOS(PollingRuntime):
                 while table.wants_data(qd):
                     table.deliver(qd, b"", None)
                 return False
-            table.deliver(qd, data, None)
+            # ``table.deliver(qd, data, None)``, inline: a pop is waiting
+            token = waiting.popleft()
+            del token_qd[token]
+            done[token] = new_result(QResult, (POP, qd, data, None, -1, ""))
+            counters.delivered += 1
             if len(data) < RECV_SIZE and not stream.peer_closed:
                 stream.readable = False  # drained; see the module docstring
                 return False

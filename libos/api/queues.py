@@ -26,8 +26,8 @@ MAX_QUEUED_DATAGRAMS = 1024  # per queue: like a socket's receive buffer, drops 
 _DIRECT_LOOKUP = 16
 # QResult(...) runs the named tuple's __new__, a Python function; building the tuple
 # directly (every field given) costs half as much on the per-request paths.
-_new_result = tuple.__new__
-_POP = Opcode.POP
+new_result = tuple.__new__
+POP = Opcode.POP
 
 
 @dataclass
@@ -57,7 +57,10 @@ class QueueTable:
         # qd -> tokens of the pops waiting on it, oldest first (a backend may read these,
         # e.g. to skip reading a stream that nobody waits on; it completes them with deliver)
         self.waiting_pops: dict[int, deque[int]] = {}
-        self._token_qd: dict[int, int] = {}
+        # token -> qd of every pending token (waiting pops included); a backend that completes
+        # a waiting pop itself (see ``deliver``) takes its token out of here and of
+        # ``waiting_pops`` and puts the result in ``done``
+        self.token_qd: dict[int, int] = {}
         self._pending: dict[int, set[int]] = {}  # qd -> backend-completed tokens
         self.done: dict[int, QResult] = {}
         # One immutable "pushed" result per queue, handed out for every successful push
@@ -90,10 +93,10 @@ class QueueTable:
         del self._arrived[qd]
         self._pushed.pop(qd, None)
         for token in self.waiting_pops.pop(qd):
-            self._token_qd.pop(token, None)
+            self.token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
         for token in self._pending.pop(qd, ()):
-            self._token_qd.pop(token, None)
+            self.token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
 
     def pop(self, qd: int) -> int:
@@ -103,10 +106,10 @@ class QueueTable:
         arrived = self._arrived[qd]
         if arrived:
             data, address = arrived.popleft()
-            self.done[token] = _new_result(QResult, (_POP, qd, data, address, -1, ""))
+            self.done[token] = new_result(QResult, (POP, qd, data, address, -1, ""))
         else:
             self.waiting_pops[qd].append(token)
-            self._token_qd[token] = qd
+            self.token_qd[token] = qd
         return token
 
     def completed(self, opcode: Opcode, qd: int, error: str = "") -> int:
@@ -134,13 +137,13 @@ class QueueTable:
         """A token the backend will complete with ``finish`` (or that ``drop_queue`` fails)."""
         self.check(qd)
         token = next(self._next_token)
-        self._token_qd[token] = qd
+        self.token_qd[token] = qd
         self._pending.setdefault(qd, set()).add(token)
         return token
 
     def finish(self, token: int, result: QResult) -> None:
         """Complete a pending token; a token of a closed queue stays failed."""
-        qd = self._token_qd.pop(token, None)
+        qd = self.token_qd.pop(token, None)
         if qd is None:
             return
         tokens = self._pending.get(qd)
@@ -153,7 +156,7 @@ class QueueTable:
         waiting = self.waiting_pops.get(qd)
         while waiting:
             token = waiting.popleft()
-            self._token_qd.pop(token, None)
+            self.token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error=error)
 
     def deliver(self, qd: int, data: bytes, address: Address | None) -> None:
@@ -162,8 +165,8 @@ class QueueTable:
             return
         if waiting:
             token = waiting.popleft()
-            del self._token_qd[token]
-            self.done[token] = _new_result(QResult, (_POP, qd, data, address, -1, ""))
+            del self.token_qd[token]
+            self.done[token] = new_result(QResult, (POP, qd, data, address, -1, ""))
         else:
             arrived = self._arrived[qd]
             if len(arrived) >= MAX_QUEUED_DATAGRAMS:
@@ -186,7 +189,7 @@ class QueueTable:
                 found = self._take_by_scan(tokens)
             if found is not None:
                 return found
-        token_qd = self._token_qd
+        token_qd = self.token_qd
         if not all(map(token_qd.__contains__, tokens)):
             for token in tokens:
                 if token not in token_qd:
@@ -220,13 +223,13 @@ class QueueTable:
         """``token``'s result if completed, taken out; None if pending; LibOSError if
         unknown."""
         result = self.done.pop(token, None)
-        if result is None and token not in self._token_qd:
+        if result is None and token not in self.token_qd:
             raise LibOSError(f"unknown token {token}")
         return result
 
     def check_tokens(self, tokens: Collection[int]) -> None:
         """LibOSError unless every token of ``tokens`` is pending (or completed)."""
-        token_qd = self._token_qd
+        token_qd = self.token_qd
         if not all(map(token_qd.__contains__, tokens)):
             for token in tokens:
                 if token not in token_qd and token not in self.done:

@@ -238,7 +238,7 @@ class StreamServer:
                     return
                 self.counters.bytes_out += len(out)
                 # Most pushes complete at once (the stack took it all): then go on without
-                # waiting for the token; a failed one closes as ``_pushed`` would.
+                # waiting for the token; a failed one closes the connection.
                 result = los.take_done(token)
                 if result is None:
                     conn.push_token = token
