@@ -197,7 +197,11 @@ class LinuxLibOS(PollingRuntime):
         if self._readable or self._stream_work:
             return  # a burst was cut short: more is waiting, no need to ask the kernel
         stream_by_fd = self._stream_by_fd
-        waiting_pops = self.table.waiting_pops
+        table = self.table
+        waiting_pops = table.waiting_pops
+        token_qd = table.token_qd
+        done = table.done
+        counters = table.counters
         for fd, mask in self._epoll.poll(timeout):
             stream = stream_by_fd.get(fd)
             if stream is not None:
@@ -209,9 +213,28 @@ class LinuxLibOS(PollingRuntime):
                     if mask == _IN_OUT:
                         stream.writable = True
                     if not stream.unsent and not stream.connecting and not stream.listening:
-                        if waiting_pops[qd] and self._read(qd, stream):
+                        waiting = waiting_pops[qd]
+                        if not waiting:
+                            continue  # without a pop waiting, the next pop reads
+                        # What ``_read`` does, inline for its usual case: one recv that
+                        # drains the socket and completes the pop.
+                        try:
+                            data = stream.sock.recv(RECV_SIZE)
+                        except BlockingIOError:
+                            stream.readable = False
+                            continue
+                        except OSError as exc:
+                            self._stream_failed(qd, stream, _strerror(exc))
+                            continue
+                        if data and len(data) < RECV_SIZE and not stream.peer_closed:
+                            token = waiting.popleft()
+                            del token_qd[token]
+                            done[token] = new_result(QResult, (POP, qd, data, None, -1, ""))
+                            counters.delivered += 1
+                            stream.readable = False  # drained; see the module docstring
+                        elif self._read_more(qd, stream, data):
                             self._stream_work.add(qd)  # the burst was cut short
-                        continue  # without a pop waiting, the next pop reads
+                        continue
                     self._stream_work.add(qd)
                     continue
                 if mask & _READ_EVENTS:
@@ -414,6 +437,10 @@ class LinuxLibOS(PollingRuntime):
 
     def _read(self, qd: int, stream: _Stream) -> bool:
         """Complete waiting pops from the socket; True if more could be read right now."""
+        return self._read_more(qd, stream, None)
+
+    def _read_more(self, qd: int, stream: _Stream, first: bytes | None) -> bool:
+        """``_read``, where ``first`` (unless None) is what a recv already returned."""
         table = self.table
         waiting = table.waiting_pops[qd]
         token_qd = table.token_qd
@@ -423,14 +450,18 @@ class LinuxLibOS(PollingRuntime):
         for _ in range(RECV_BURST):
             if not waiting:
                 return False
-            try:
-                data = recv(RECV_SIZE)
-            except BlockingIOError:
-                stream.readable = False
-                return False
-            except OSError as exc:
-                self._stream_failed(qd, stream, _strerror(exc))
-                return False
+            if first is not None:
+                data = first
+                first = None
+            else:
+                try:
+                    data = recv(RECV_SIZE)
+                except BlockingIOError:
+                    stream.readable = False
+                    return False
+                except OSError as exc:
+                    self._stream_failed(qd, stream, _strerror(exc))
+                    return False
             if not data:
                 stream.eof = True
                 stream.readable = False

@@ -212,6 +212,10 @@ class QueueTable:
             # Walk the shorter side; membership in ``tokens`` is O(1) for a dict or set.
             if len(done) <= len(tokens):
                 found = [token for token in done if token in tokens]
+                if len(found) == len(done):  # all of them (a server waits on every token)
+                    items = list(done.items())
+                    done.clear()
+                    return items
             else:
                 found = [token for token in tokens if token in done]
             if found:
@@ -323,7 +327,10 @@ class PollingRuntime:
 
     def take_done(self, token: int) -> QResult | None:
         """See ``LibOS.take_done``."""
-        return self.table.take_done(token)
+        result = self.table.done.pop(token, None)
+        if result is None:
+            return self.table.take_done(token)  # pending (None), or unknown (raises)
+        return result
 
     def wait(self, token: int, timeout: float | None = None) -> QResult | None:
         found = self.wait_any([token], timeout)
