@@ -124,10 +124,18 @@ class LinuxLibOS(PollingRuntime):
             raise LibOSError(f"bind {address}: {exc.strerror}") from None
 
     def pop(self, qd: int) -> int:
-        token = self.table.pop(qd)
         stream = self._streams.get(qd)
-        if stream is not None and (stream.readable or stream.eof or stream.error or stream.listening):
-            self._pop_stream(qd, stream)
+        if stream is None or stream.readable or stream.eof or stream.error or stream.listening:
+            token = self.table.pop(qd)
+            if stream is not None:
+                self._pop_stream(qd, stream)
+            return token
+        # A stream with nothing to read yet (the usual case): ``table.pop`` inline. Nothing
+        # ever waits in a stream queue's arrived line (``_read`` delivers only to pops).
+        table = self.table
+        token = next(table.next_token)
+        table.waiting_pops[qd].append(token)
+        table.token_qd[token] = qd
         return token
 
     def pushto(self, qd: int, data: bytes, address: Address) -> int:
@@ -374,8 +382,11 @@ class LinuxLibOS(PollingRuntime):
                 self._stream_failed(qd, stream, _strerror(exc))
                 table.counters.push_failed += 1
                 return table.completed(Opcode.FAILED, qd, error=stream.error)
-            if sent == len(data):
-                return table.push_done(qd)
+            if sent == len(data):  # ``table.push_done(qd)``, inline
+                token = next(table.next_token)
+                table.done[token] = table.pushed_results[qd]
+                table.counters.pushed += 1
+                return token
             stream.writable = False  # a short send: the buffer is full, EPOLLOUT will say when not
         view = memoryview(data)
         if len(stream.unsent) >= MAX_PENDING_SENDS:

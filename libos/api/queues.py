@@ -50,7 +50,9 @@ class QueueTable:
     """
 
     def __init__(self) -> None:
-        self._next_token = itertools.count(1)
+        # Tokens are drawn here; a backend that fills in a pop or a push itself on its
+        # per-request path (see ``pop`` and ``push_done``) draws them here too.
+        self.next_token = itertools.count(1)
         self._next_qd = itertools.count(3)  # like fds: 0-2 look like stdio, avoid them
         self.kinds: dict[int, SocketKind] = {}
         self._arrived: dict[int, deque[tuple[bytes, Address | None]]] = {}
@@ -65,7 +67,7 @@ class QueueTable:
         self.done: dict[int, QResult] = {}
         # One immutable "pushed" result per queue, handed out for every successful push
         # (most completions are pushes; none of them needs an object of its own).
-        self._pushed: dict[int, QResult] = {}
+        self.pushed_results: dict[int, QResult] = {}
         self.counters = QueueCounters()
 
     def new_queue(self, kind: SocketKind) -> int:
@@ -73,12 +75,12 @@ class QueueTable:
         self.kinds[qd] = kind
         self._arrived[qd] = deque()
         self.waiting_pops[qd] = deque()
-        self._pushed[qd] = QResult(Opcode.PUSH, qd)
+        self.pushed_results[qd] = QResult(Opcode.PUSH, qd)
         return qd
 
     def pushed(self, qd: int) -> QResult:
         """The (shared) result of a successful push on ``qd``."""
-        result = self._pushed.get(qd)
+        result = self.pushed_results.get(qd)
         return QResult(Opcode.PUSH, qd) if result is None else result
 
     def check(self, qd: int) -> SocketKind:
@@ -91,7 +93,7 @@ class QueueTable:
         self.check(qd)
         del self.kinds[qd]
         del self._arrived[qd]
-        self._pushed.pop(qd, None)
+        self.pushed_results.pop(qd, None)
         for token in self.waiting_pops.pop(qd):
             self.token_qd.pop(token, None)
             self.done[token] = QResult(Opcode.FAILED, qd, error="queue closed")
@@ -102,7 +104,7 @@ class QueueTable:
     def pop(self, qd: int) -> int:
         if qd not in self.kinds:
             self.check(qd)  # raises
-        token = next(self._next_token)
+        token = next(self.next_token)
         arrived = self._arrived[qd]
         if arrived:
             data, address = arrived.popleft()
@@ -113,7 +115,7 @@ class QueueTable:
         return token
 
     def completed(self, opcode: Opcode, qd: int, error: str = "") -> int:
-        token = next(self._next_token)
+        token = next(self.next_token)
         if opcode is Opcode.PUSH and not error:
             self.done[token] = self.pushed(qd)
         else:
@@ -122,21 +124,21 @@ class QueueTable:
 
     def push_done(self, qd: int) -> int:
         """A successful push on ``qd``, counted: a token completed with the shared result."""
-        token = next(self._next_token)
-        self.done[token] = self._pushed[qd]
+        token = next(self.next_token)
+        self.done[token] = self.pushed_results[qd]
         self.counters.pushed += 1
         return token
 
     def result(self, result: QResult) -> int:
         """A token already completed with ``result``."""
-        token = next(self._next_token)
+        token = next(self.next_token)
         self.done[token] = result
         return token
 
     def pending(self, qd: int) -> int:
         """A token the backend will complete with ``finish`` (or that ``drop_queue`` fails)."""
         self.check(qd)
-        token = next(self._next_token)
+        token = next(self.next_token)
         self.token_qd[token] = qd
         self._pending.setdefault(qd, set()).add(token)
         return token
