@@ -44,7 +44,8 @@ MAX_PENDING_SENDS = 1024
 ACCEPT_BURST = 64  # connections taken off a listener per readiness event
 MAX_BACKLOG = 65535
 
-_STREAM_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_STREAM_IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_STREAM_EVENTS = _STREAM_IN_EVENTS | select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _IN_OUT = select.EPOLLIN | select.EPOLLOUT
@@ -57,6 +58,7 @@ class _Stream:
     sock: socket_module.socket
     qd: int = -1
     registered: bool = False
+    out_armed: bool = False  # EPOLLOUT asked for: while connecting or while bytes wait to go
     listening: bool = False
     connecting: int = 0  # the pending connect token, 0 when none
     connected: bool = False
@@ -309,12 +311,22 @@ class LinuxLibOS(PollingRuntime):
             raise LibOSError(f"queue {qd} is not a TCP queue")
         return stream
 
-    def _register(self, qd: int, stream: _Stream) -> None:
+    def _register(self, qd: int, stream: _Stream, out: bool = False) -> None:
         if not stream.registered:
             fd = stream.sock.fileno()
-            self._epoll.register(fd, _STREAM_EVENTS)
+            self._epoll.register(fd, _STREAM_EVENTS if out else _STREAM_IN_EVENTS)
             self._stream_by_fd[fd] = stream
             stream.registered = True
+            stream.out_armed = out
+
+    def _arm_out(self, stream: _Stream, out: bool) -> None:
+        """Ask for EPOLLOUT, or stop. A connection asks only while it has bytes waiting
+        for send space (or a handshake to finish), as asyncio and nginx do: otherwise every
+        ACK that frees send space would queue an event. Arming re-checks readiness, so an
+        edge that came first is not lost."""
+        if stream.out_armed != out and stream.registered:
+            self._epoll.modify(stream.sock.fileno(), _STREAM_EVENTS if out else _STREAM_IN_EVENTS)
+            stream.out_armed = out
 
     def listen(self, qd: int, backlog: int) -> None:
         stream = self._stream(qd)
@@ -357,7 +369,7 @@ class LinuxLibOS(PollingRuntime):
             return self.table.completed(Opcode.FAILED, qd, error=os.strerror(code))
         token = self.table.pending(qd)
         stream.connecting = token
-        self._register(qd, stream)
+        self._register(qd, stream, out=True)
         return token
 
     def push(self, qd: int, data: bytes) -> int:
@@ -394,6 +406,8 @@ class LinuxLibOS(PollingRuntime):
             return table.completed(Opcode.FAILED, qd, error="send queue full")
         token = table.pending(qd)
         stream.unsent.append((view[sent:], token))
+        if not stream.out_armed:
+            self._arm_out(stream, True)
         return token
 
     def _pop_stream(self, qd: int, stream: _Stream) -> None:
@@ -439,6 +453,7 @@ class LinuxLibOS(PollingRuntime):
                 return  # a wake-up before the handshake ended: wait for the next
             stream.connecting = 0
             stream.connected = True
+            self._arm_out(stream, False)
             self.table.finish(token, QResult(Opcode.CONNECT, qd))
             return
         stream.connecting = 0
@@ -510,6 +525,7 @@ class LinuxLibOS(PollingRuntime):
             unsent.popleft()
             table.counters.pushed += 1
             table.finish(token, table.pushed(qd))
+        self._arm_out(stream, False)  # all sent: no more EPOLLOUT until bytes wait again
 
     def _stream_failed(self, qd: int, stream: _Stream, error: str) -> None:
         """A reset or another fatal error: every waiting operation fails with it."""
