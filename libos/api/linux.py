@@ -21,6 +21,11 @@ about edge-triggered epoll this code relies on:
   returns b"".
 * A socket in SYN-SENT reports nothing; once the handshake ends it reports ``EPOLLOUT``
   (or ``EPOLLERR``/``EPOLLHUP`` and an ``SO_ERROR`` when it failed).
+* ``EPOLLOUT`` is asked for only while a handshake or unsent bytes wait (``_arm_out``), as
+  asyncio does; otherwise every ACK that frees send space would queue an event.
+  ``EPOLL_CTL_MOD`` re-checks readiness, so an edge that came before it is not lost.
+* The usual event of a busy server, new data for a connection with a pop waiting, is read
+  in ``_sleep`` itself: one ``recv`` that drains the socket completes the pop.
 
 Every connected socket has ``TCP_NODELAY``: the API hands whole messages to ``push``,
 and Nagle's algorithm would only add a round trip to request/response traffic.
