@@ -281,6 +281,12 @@ class FakeLibOS:
                     raise LibOSError(f"unknown token {token}")
         return found
 
+    def take_done(self, token: int) -> QResult | None:
+        result = self.done.pop(token, None)
+        if result is None and token not in self.waiting and token not in self.pushes:
+            raise LibOSError(f"unknown token {token}")
+        return result
+
     def wait(self, token: int, timeout: float | None = None) -> QResult | None:
         found = self.wait_any([token], timeout)
         return None if found is None else found[1]

@@ -5,9 +5,9 @@ VNIC (``topo.vnic_ip``) and on the Linux baseline (``topo.linux_ip``); the clien
 the instance's client namespace and reach it over the bridge.
 
 * memcaslap, its default get/set mix (90% get, 10% set), 16 connections, 10 seconds, over
-  TCP and over UDP (``-U``): no errors, no get misses (memcaslap only reads keys it has
-  written, and nothing expires or is evicted in a run this small, so a real memcached
-  reports none either), and over UDP no disorder, drop or timeout; the server's own
+  TCP and over UDP (``-U``): no errors, no get misses unless the server evicted (memcaslap
+  only reads keys it has written and nothing expires; a server that serves it fast may
+  outgrow the 64 MiB cache, as a real memcached -m 64 would), and over UDP no disorder, drop or timeout; the server's own
   counters must show no reply dropped or failed.
 * A UDP client that checks every reply datagram: each request id gets exactly one reply
   (each of its datagrams exactly once, with a consistent total), and nothing arrives for a
@@ -123,7 +123,11 @@ def test_memcaslap_default_mix_on_both_backends(instance: Topology, udp: bool) -
         output, counters = runs[backend]
         assert not re.search(r"error|fail|assert", output, re.IGNORECASE), f"{backend}:\n{output[-3000:]}"
         assert counters["cmd_get"] > 1000 and counters["cmd_set"] > 100, f"{backend}: {counters}"
-        assert counters["get_misses"] == 0, f"{backend}: {counters}"
+        # memcaslap writes about 1 KiB per set: a fast server takes more than the cache's
+        # 64 MiB in 10 seconds and evicts (so would a real memcached -m 64); a key read
+        # after its eviction is a miss. Without an eviction there must be none.
+        evictions = stats[backend]["evictions"]
+        assert counters["get_misses"] == 0 or evictions > 0, f"{backend}: {counters}, evictions {evictions}"
         if udp:
             for name in ("packet_disorder", "packet_drop", "udp_timeout"):
                 assert counters[name] == 0, f"{backend}: {name} {counters}"

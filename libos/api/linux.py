@@ -21,6 +21,11 @@ about edge-triggered epoll this code relies on:
   returns b"".
 * A socket in SYN-SENT reports nothing; once the handshake ends it reports ``EPOLLOUT``
   (or ``EPOLLERR``/``EPOLLHUP`` and an ``SO_ERROR`` when it failed).
+* ``EPOLLOUT`` is asked for only while a handshake or unsent bytes wait (``_arm_out``), as
+  asyncio does; otherwise every ACK that frees send space would queue an event.
+  ``EPOLL_CTL_MOD`` re-checks readiness, so an edge that came before it is not lost.
+* The usual event of a busy server, new data for a connection with a pop waiting, is read
+  in ``_sleep`` itself: one ``recv`` that drains the socket completes the pop.
 
 Every connected socket has ``TCP_NODELAY``: the API hands whole messages to ``push``,
 and Nagle's algorithm would only add a round trip to request/response traffic.
@@ -35,7 +40,7 @@ import socket as socket_module
 from collections import deque
 from dataclasses import dataclass, field
 
-from libos.api.queues import PollingRuntime, QueueTable
+from libos.api.queues import POP, PollingRuntime, QueueTable, new_result
 from libos.api.types import Address, LibOSError, Opcode, QResult, SocketKind
 
 RECV_BURST = 64
@@ -44,9 +49,11 @@ MAX_PENDING_SENDS = 1024
 ACCEPT_BURST = 64  # connections taken off a listener per readiness event
 MAX_BACKLOG = 65535
 
-_STREAM_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_STREAM_IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_STREAM_EVENTS = _STREAM_IN_EVENTS | select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_IN_OUT = select.EPOLLIN | select.EPOLLOUT
 
 
 @dataclass(slots=True, eq=False)
@@ -54,7 +61,9 @@ class _Stream:
     """What the backend knows of one TCP socket between edge-triggered events."""
 
     sock: socket_module.socket
+    qd: int = -1
     registered: bool = False
+    out_armed: bool = False  # EPOLLOUT asked for: while connecting or while bytes wait to go
     listening: bool = False
     connecting: int = 0  # the pending connect token, 0 when none
     connected: bool = False
@@ -88,6 +97,7 @@ class LinuxLibOS(PollingRuntime):
         self._epoll = select.epoll()
         self._sockets: dict[int, socket_module.socket] = {}
         self._by_fd: dict[int, int] = {}
+        self._stream_by_fd: dict[int, _Stream] = {}  # registered streams, by socket fd
         self._readable: set[int] = set()
         self._unsent: dict[int, deque[tuple[bytes, Address]]] = {}
         self._streams: dict[int, _Stream] = {}
@@ -121,11 +131,18 @@ class LinuxLibOS(PollingRuntime):
             raise LibOSError(f"bind {address}: {exc.strerror}") from None
 
     def pop(self, qd: int) -> int:
-        token = self.table.pop(qd)
-        if self._streams:
-            stream = self._streams.get(qd)
+        stream = self._streams.get(qd)
+        if stream is None or stream.readable or stream.eof or stream.error or stream.listening:
+            token = self.table.pop(qd)
             if stream is not None:
                 self._pop_stream(qd, stream)
+            return token
+        # A stream with nothing to read yet (the usual case): ``table.pop`` inline. Nothing
+        # ever waits in a stream queue's arrived line (``_read`` delivers only to pops).
+        table = self.table
+        token = next(table.next_token)
+        table.waiting_pops[qd].append(token)
+        table.token_qd[token] = qd
         return token
 
     def pushto(self, qd: int, data: bytes, address: Address) -> int:
@@ -155,6 +172,8 @@ class LinuxLibOS(PollingRuntime):
         table = self.table
         if self._stream_work:
             work += self._progress_streams()
+        if not self._readable:
+            return work
         for qd in list(self._readable):
             sock = self._sockets.get(qd)
             if sock is None:
@@ -192,17 +211,47 @@ class LinuxLibOS(PollingRuntime):
     def _sleep(self, timeout: float) -> None:
         if self._readable or self._stream_work:
             return  # a burst was cut short: more is waiting, no need to ask the kernel
-        streams = self._streams
+        stream_by_fd = self._stream_by_fd
+        table = self.table
+        waiting_pops = table.waiting_pops
+        token_qd = table.token_qd
+        done = table.done
+        counters = table.counters
         for fd, mask in self._epoll.poll(timeout):
-            qd = self._by_fd.get(fd)
-            if qd is None:
-                lingering = self._lingering.get(fd)
-                if lingering is not None and mask & _WRITE_EVENTS:
-                    lingering.writable = True
-                    self._flush_lingering(fd, lingering)
-                continue
-            stream = streams.get(qd)
+            stream = stream_by_fd.get(fd)
             if stream is not None:
+                qd = stream.qd
+                if mask == _IN_OUT or mask == select.EPOLLIN:
+                    # The usual event of a busy connection (new data, often with send space
+                    # freed by the peer's ACK), handled here when nothing else waits on it.
+                    stream.readable = True
+                    if mask == _IN_OUT:
+                        stream.writable = True
+                    if not stream.unsent and not stream.connecting and not stream.listening:
+                        waiting = waiting_pops[qd]
+                        if not waiting:
+                            continue  # without a pop waiting, the next pop reads
+                        # What ``_read`` does, inline for its usual case: one recv that
+                        # drains the socket and completes the pop.
+                        try:
+                            data = stream.sock.recv(RECV_SIZE)
+                        except BlockingIOError:
+                            stream.readable = False
+                            continue
+                        except OSError as exc:
+                            self._stream_failed(qd, stream, _strerror(exc))
+                            continue
+                        if data and len(data) < RECV_SIZE and not stream.peer_closed:
+                            token = waiting.popleft()
+                            del token_qd[token]
+                            done[token] = new_result(QResult, (POP, qd, data, None, -1, ""))
+                            counters.delivered += 1
+                            stream.readable = False  # drained; see the module docstring
+                        elif self._read_more(qd, stream, data):
+                            self._stream_work.add(qd)  # the burst was cut short
+                        continue
+                    self._stream_work.add(qd)
+                    continue
                 if mask & _READ_EVENTS:
                     stream.readable = True
                     if mask & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
@@ -211,10 +260,17 @@ class LinuxLibOS(PollingRuntime):
                     stream.writable = True
                 self._stream_work.add(qd)
                 continue
+            udp_qd = self._by_fd.get(fd)
+            if udp_qd is None:
+                lingering = self._lingering.get(fd)
+                if lingering is not None and mask & _WRITE_EVENTS:
+                    lingering.writable = True
+                    self._flush_lingering(fd, lingering)
+                continue
             if mask & select.EPOLLOUT:
-                self._flush(qd)
+                self._flush(udp_qd)
             if mask & (select.EPOLLIN | select.EPOLLERR):
-                self._readable.add(qd)
+                self._readable.add(udp_qd)
 
     def close(self, qd: int) -> None:
         stream = self._streams.get(qd)
@@ -250,7 +306,7 @@ class LinuxLibOS(PollingRuntime):
             sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEPORT, 1)
         qd = self.table.new_queue(SocketKind.TCP)
         self._sockets[qd] = sock
-        self._streams[qd] = _Stream(sock)
+        self._streams[qd] = _Stream(sock, qd)
         return qd
 
     def _stream(self, qd: int) -> _Stream:
@@ -260,12 +316,22 @@ class LinuxLibOS(PollingRuntime):
             raise LibOSError(f"queue {qd} is not a TCP queue")
         return stream
 
-    def _register(self, qd: int, stream: _Stream) -> None:
+    def _register(self, qd: int, stream: _Stream, out: bool = False) -> None:
         if not stream.registered:
             fd = stream.sock.fileno()
-            self._epoll.register(fd, _STREAM_EVENTS)
-            self._by_fd[fd] = qd
+            self._epoll.register(fd, _STREAM_EVENTS if out else _STREAM_IN_EVENTS)
+            self._stream_by_fd[fd] = stream
             stream.registered = True
+            stream.out_armed = out
+
+    def _arm_out(self, stream: _Stream, out: bool) -> None:
+        """Ask for EPOLLOUT, or stop. A connection asks only while it has bytes waiting
+        for send space (or a handshake to finish), as asyncio and nginx do: otherwise every
+        ACK that frees send space would queue an event. Arming re-checks readiness, so an
+        edge that came first is not lost."""
+        if stream.out_armed != out and stream.registered:
+            self._epoll.modify(stream.sock.fileno(), _STREAM_EVENTS if out else _STREAM_IN_EVENTS)
+            stream.out_armed = out
 
     def listen(self, qd: int, backlog: int) -> None:
         stream = self._stream(qd)
@@ -308,37 +374,45 @@ class LinuxLibOS(PollingRuntime):
             return self.table.completed(Opcode.FAILED, qd, error=os.strerror(code))
         token = self.table.pending(qd)
         stream.connecting = token
-        self._register(qd, stream)
+        self._register(qd, stream, out=True)
         return token
 
     def push(self, qd: int, data: bytes) -> int:
-        stream = self._stream(qd)
+        stream = self._streams.get(qd)
+        if stream is None:
+            stream = self._stream(qd)  # raises: not a queue, or not a TCP one
         table = self.table
         if not stream.connected:
             raise LibOSError(f"queue {qd} is not connected")
         if stream.error:
             table.counters.push_failed += 1
             return table.completed(Opcode.FAILED, qd, error=stream.error)
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        if type(data) is not bytes:
+            data = bytes(data)
         sent = 0
         if not stream.unsent:
             try:
-                sent = stream.sock.send(view)
+                sent = stream.sock.send(data)
             except BlockingIOError:
                 stream.writable = False
             except OSError as exc:
                 self._stream_failed(qd, stream, _strerror(exc))
                 table.counters.push_failed += 1
                 return table.completed(Opcode.FAILED, qd, error=stream.error)
-            if sent == len(view):
+            if sent == len(data):  # ``table.push_done(qd)``, inline
+                token = next(table.next_token)
+                table.done[token] = table.pushed_results[qd]
                 table.counters.pushed += 1
-                return table.completed(Opcode.PUSH, qd)
+                return token
             stream.writable = False  # a short send: the buffer is full, EPOLLOUT will say when not
+        view = memoryview(data)
         if len(stream.unsent) >= MAX_PENDING_SENDS:
             table.counters.push_failed += 1
             return table.completed(Opcode.FAILED, qd, error="send queue full")
         token = table.pending(qd)
         stream.unsent.append((view[sent:], token))
+        if not stream.out_armed:
+            self._arm_out(stream, True)
         return token
 
     def _pop_stream(self, qd: int, stream: _Stream) -> None:
@@ -384,6 +458,7 @@ class LinuxLibOS(PollingRuntime):
                 return  # a wake-up before the handshake ended: wait for the next
             stream.connecting = 0
             stream.connected = True
+            self._arm_out(stream, False)
             self.table.finish(token, QResult(Opcode.CONNECT, qd))
             return
         stream.connecting = 0
@@ -393,30 +468,46 @@ class LinuxLibOS(PollingRuntime):
 
     def _read(self, qd: int, stream: _Stream) -> bool:
         """Complete waiting pops from the socket; True if more could be read right now."""
+        return self._read_more(qd, stream, None)
+
+    def _read_more(self, qd: int, stream: _Stream, first: bytes | None) -> bool:
+        """``_read``, where ``first`` (unless None) is what a recv already returned."""
         table = self.table
+        waiting = table.waiting_pops[qd]
+        token_qd = table.token_qd
+        done = table.done
+        counters = table.counters
         recv = stream.sock.recv
         for _ in range(RECV_BURST):
-            if not table.wants_data(qd):
+            if not waiting:
                 return False
-            try:
-                data = recv(RECV_SIZE)
-            except BlockingIOError:
-                stream.readable = False
-                return False
-            except OSError as exc:
-                self._stream_failed(qd, stream, _strerror(exc))
-                return False
+            if first is not None:
+                data = first
+                first = None
+            else:
+                try:
+                    data = recv(RECV_SIZE)
+                except BlockingIOError:
+                    stream.readable = False
+                    return False
+                except OSError as exc:
+                    self._stream_failed(qd, stream, _strerror(exc))
+                    return False
             if not data:
                 stream.eof = True
                 stream.readable = False
                 while table.wants_data(qd):
                     table.deliver(qd, b"", None)
                 return False
-            table.deliver(qd, data, None)
+            # ``table.deliver(qd, data, None)``, inline: a pop is waiting
+            token = waiting.popleft()
+            del token_qd[token]
+            done[token] = new_result(QResult, (POP, qd, data, None, -1, ""))
+            counters.delivered += 1
             if len(data) < RECV_SIZE and not stream.peer_closed:
                 stream.readable = False  # drained; see the module docstring
                 return False
-        return stream.readable and table.wants_data(qd)
+        return stream.readable and bool(waiting)
 
     def _send_unsent(self, qd: int, stream: _Stream) -> None:
         unsent = stream.unsent
@@ -439,6 +530,7 @@ class LinuxLibOS(PollingRuntime):
             unsent.popleft()
             table.counters.pushed += 1
             table.finish(token, table.pushed(qd))
+        self._arm_out(stream, False)  # all sent: no more EPOLLOUT until bytes wait again
 
     def _stream_failed(self, qd: int, stream: _Stream, error: str) -> None:
         """A reset or another fatal error: every waiting operation fails with it."""
@@ -488,7 +580,7 @@ class LinuxLibOS(PollingRuntime):
         except OSError:
             pass  # a connection reset already: the first recv reports it
         qd = self.table.new_queue(SocketKind.TCP)
-        stream = _Stream(sock, connected=True, readable=True, writable=True)
+        stream = _Stream(sock, qd, connected=True, readable=True, writable=True)
         self._sockets[qd] = sock
         self._streams[qd] = stream
         self._register(qd, stream)
@@ -505,7 +597,7 @@ class LinuxLibOS(PollingRuntime):
             accepted.close()
         if stream.registered:
             fd = sock.fileno()
-            del self._by_fd[fd]
+            del self._stream_by_fd[fd]
             if stream.unsent and not stream.error:
                 self._lingering[fd] = stream
                 self._flush_lingering(fd, stream)

@@ -97,6 +97,13 @@ class LibOS(Protocol):
         """
         ...
 
+    def take_done(self, token: int) -> QResult | None:
+        """``token``'s result if it has completed already, taken out (as a wait would);
+        None while it is pending. Makes no progress and never sleeps: for a caller that has
+        just started an operation that usually completes at once (a push the stack took
+        whole), so that it need not wait for it. LibOSError if the token is unknown."""
+        ...
+
     def close(self, qd: int) -> None: ...
 
     def shutdown(self) -> None: ...

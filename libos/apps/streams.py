@@ -11,7 +11,8 @@ Why the loop looks the way it does:
   completion of one poll at once; each token maps to its connection (a pop or a push of
   it) or to a handler, so a completion costs one dict lookup and no object of its own,
   whatever the number of connections.
-* At most one push in flight per connection. Output produced meanwhile accumulates in the
+* At most one push in flight per connection; a push that completed at once (the stack
+  took it whole, the usual case) is taken with ``take_done`` and not waited for. Output produced meanwhile accumulates in the
   session, which stops running requests at its high-water mark; a client that does not read
   its replies thus stops its own requests, and nobody else's (Redis and memcached do the
   same with their per-client output buffers).
@@ -37,6 +38,8 @@ from libos.api import LibOS, LibOSError, Opcode, QResult, SocketKind
 EVENTS_PER_TURN = 64
 DEFAULT_MAX_CLIENTS = 10000
 DEFAULT_IDLE_TIMEOUT = 0.1
+_POP = Opcode.POP
+_PUSH = Opcode.PUSH
 
 
 class StreamSession(Protocol):
@@ -136,6 +139,9 @@ class StreamServer:
         timeout = 0.0 if self.busy else idle_timeout
         pending = self.pending
         wait_many = self.los.wait_many
+        after_feed = self._after_feed
+        clock = self.clock
+        counters = self.counters
         handled = 0
         while handled < EVENTS_PER_TURN:
             # After the first batch, what the handlers' own operations completed at once
@@ -144,17 +150,39 @@ class StreamServer:
             if not batch:
                 break
             pop = pending.pop
+            # A connection's pop and push completions, most of the work, are handled
+            # inline: after a pop, feed the session; after a push, only go on.
             for token, result in batch:
-                target = pop(token, None)
-                if target is None:
+                conn = pop(token, None)
+                if conn is None:
                     continue  # its connection closed while this batch was handled
-                if type(target) is Connection:
-                    if token == target.pop_token:
-                        self._popped(target, result)
+                if type(conn) is not Connection:
+                    conn(result)  # type: ignore[operator]  # not a Connection: a Handler
+                    continue
+                if token == conn.pop_token:
+                    conn.pop_token = None
+                    if conn.closed:
+                        continue
+                    if result.opcode is not _POP:
+                        counters.read_failed += 1
+                        self._close(conn)
+                        continue
+                    data = result.data
+                    if data:
+                        counters.bytes_in += len(data)
+                        conn.session.feed(data, clock())
                     else:
-                        self._pushed(target, result)
+                        counters.closed_by_peer += 1
+                        conn.peer_closed = True
                 else:
-                    target(result)  # type: ignore[operator]  # not a Connection: a Handler
+                    conn.push_token = None
+                    if conn.closed:
+                        continue
+                    if result.opcode is not _PUSH:
+                        counters.push_failed += 1
+                        self._close(conn)
+                        continue
+                after_feed(conn)
             handled += len(batch)
             timeout = 0.0
         if self.busy:
@@ -195,29 +223,30 @@ class StreamServer:
         conn.pop_token = token
         self.pending[token] = conn
 
-    def _popped(self, conn: Connection, result: QResult) -> None:
-        conn.pop_token = None
-        if conn.closed:
-            return
-        if result.opcode is not Opcode.POP:
-            self.counters.read_failed += 1
-            self._close(conn)
-            return
-        if not result.data:
-            self.counters.closed_by_peer += 1
-            conn.peer_closed = True
-        else:
-            self.counters.bytes_in += len(result.data)
-            conn.session.feed(result.data, self.clock())
-        self._after_feed(conn)
-
     def _after_feed(self, conn: Connection) -> None:
         """Send what the session produced, then decide: read more, work more, or close."""
         session = conn.session
         if conn.push_token is None:
-            self._push(conn)
-            if conn.closed:
-                return
+            out = session.take_output()
+            if out:  # what ``_push`` does, inline
+                los = self.los
+                try:
+                    token = los.push(conn.qd, out)
+                except LibOSError:
+                    self.counters.push_failed += 1
+                    self._close(conn)
+                    return
+                self.counters.bytes_out += len(out)
+                # Most pushes complete at once (the stack took it all): then go on without
+                # waiting for the token; a failed one closes the connection.
+                result = los.take_done(token)
+                if result is None:
+                    conn.push_token = token
+                    self.pending[token] = conn
+                elif result.opcode is not _PUSH:
+                    self.counters.push_failed += 1
+                    self._close(conn)
+                    return
         if session.should_close():
             # Close once everything taken was handed to the stack; a pop still pending
             # is of no interest any more.
@@ -232,31 +261,14 @@ class StreamServer:
                 self._close(conn)
             return
         if conn.pop_token is None and conn.push_token is None:
-            self._read(conn)
-
-    def _push(self, conn: Connection) -> None:
-        out = conn.session.take_output()
-        if not out:
-            return
-        try:
-            token = self.los.push(conn.qd, out)
-        except LibOSError:
-            self.counters.push_failed += 1
-            self._close(conn)
-            return
-        self.counters.bytes_out += len(out)
-        conn.push_token = token
-        self.pending[token] = conn
-
-    def _pushed(self, conn: Connection, result: QResult) -> None:
-        conn.push_token = None
-        if conn.closed:
-            return
-        if result.opcode is not Opcode.PUSH:
-            self.counters.push_failed += 1
-            self._close(conn)
-            return
-        self._after_feed(conn)
+            try:  # what ``_read`` does, inline
+                token = self.los.pop(conn.qd)
+            except LibOSError:
+                self.counters.read_failed += 1
+                self._close(conn)
+                return
+            conn.pop_token = token
+            self.pending[token] = conn
 
     def _close(self, conn: Connection) -> None:
         if conn.closed:

@@ -24,27 +24,20 @@ __all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_CLIENTS", "KvConnection", "KvSer
 
 
 class KvConnection:
-    """A ``KvSession`` seen as a ``StreamSession``."""
+    """A ``KvSession`` seen as a ``StreamSession``: the session's own methods, bound once
+    (the loop calls them for every request; a wrapper method would double each call)."""
 
-    __slots__ = ("kv",)
+    __slots__ = ("kv", "feed", "take_output", "has_backlog", "close")
 
     def __init__(self, kv: KvSession) -> None:
         self.kv = kv
-
-    def feed(self, data: bytes, now: float) -> None:
-        self.kv.feed(data, now)
-
-    def take_output(self) -> bytes:
-        return self.kv.take_output()
-
-    def has_backlog(self) -> bool:
-        return self.kv.has_pending()
+        self.feed: Callable[[bytes, float], None] = kv.feed
+        self.take_output: Callable[[], bytes] = kv.take_output
+        self.has_backlog: Callable[[], bool] = kv.has_pending
+        self.close: Callable[[], None] = kv.close
 
     def should_close(self) -> bool:
         return self.kv.should_close
-
-    def close(self) -> None:
-        self.kv.close()
 
 
 class KvServer:

@@ -142,6 +142,8 @@ class KvSession:
 
     def take_output(self) -> bytes:
         """The replies that may be sent now, in order."""
+        if not self._ready:
+            return b""
         out = bytes(self._ready)
         self._ready.clear()
         return out

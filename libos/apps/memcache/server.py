@@ -141,6 +141,7 @@ class McServer:
             "cmd_get": counters.cmd_get,
             "cmd_set": counters.cmd_set,
             "curr_items": self.engine.store.curr_items,
+            "evictions": self.engine.store.counters.evictions,
             "udp": self.udp_counters.as_dict(),
             "libos": self.los.stats(),
         }
