@@ -104,9 +104,10 @@ def real_redis(topo: Topology) -> Iterator[Address]:
 
 
 @contextlib.contextmanager
-def our_app(module: str, backend: str, topo: Topology, port: int) -> Iterator[App]:
-    """One of our apps; on the way out it must stop cleanly (exit 0, no traceback)."""
-    app = App(module, "--backend", backend, "--instance", topo.tag, "--port", str(port))
+def our_app(module: str, backend: str, topo: Topology, port: int, *extra: str) -> Iterator[App]:
+    """One of our apps (``extra``: more arguments); on the way out it must stop cleanly
+    (exit 0, no traceback)."""
+    app = App(module, "--backend", backend, "--instance", topo.tag, "--port", str(port), *extra)
     clean = False
     try:
         yield app

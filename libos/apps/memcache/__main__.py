@@ -20,27 +20,39 @@ it stops (SIGTERM or SIGINT).
 from __future__ import annotations
 
 import sys
+import time
 
-from libos.api import LibOSError
+from libos.api import LibOS, LibOSError
 from libos.apps.common import open_server_libos, parse_server_args, serve_and_report, server_parser, stop_on_signals
+from libos.apps.memcache.protocol import McEngine
 from libos.apps.memcache.server import DEFAULT_MAX_CLIENTS, McServer
+from libos.apps.memcache.store import DEFAULT_MAX_BYTES, McStore
 from libos.apps.workers import add_workers_option, serve_workers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = server_parser("python -m libos.apps.memcache", __doc__, 11211, DEFAULT_MAX_CLIENTS)
     parser.add_argument("--no-udp", action="store_true", help="serve TCP only")
+    parser.add_argument("-m", "--memory", type=int, default=DEFAULT_MAX_BYTES >> 20, metavar="MB",
+                        help="item memory in megabytes, as memcached's -m (default %(default)s)")
     add_workers_option(parser)
     args = parse_server_args(parser, argv)
+    if args.memory < 1:
+        parser.error("--memory must be at least 1 MB")
+
+    def make_server(los: LibOS) -> McServer:
+        now = time.time()
+        engine = McEngine(now, McStore(max_bytes=args.memory << 20, started_at=now))
+        return McServer(los, args.port, address=args.address, max_clients=args.max_clients,
+                        udp=not args.no_udp, engine=engine)
+
     if args.workers != 1:
-        return serve_workers("memcache", args, lambda los: McServer(
-            los, args.port, address=args.address, max_clients=args.max_clients, udp=not args.no_udp))
+        return serve_workers("memcache", args, make_server)
 
     should_stop = stop_on_signals()
     try:
         los = open_server_libos(args, f"memcache:{args.port}")
-        server = McServer(los, args.port, address=args.address, max_clients=args.max_clients,
-                          udp=not args.no_udp)
+        server = make_server(los)
     except (LibOSError, ValueError) as exc:
         print(f"memcache: {exc}", file=sys.stderr)
         return 1

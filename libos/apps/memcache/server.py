@@ -142,6 +142,7 @@ class McServer:
             "cmd_set": counters.cmd_set,
             "curr_items": self.engine.store.curr_items,
             "evictions": self.engine.store.counters.evictions,
+            "limit_maxbytes": self.engine.store.max_bytes,
             "udp": self.udp_counters.as_dict(),
             "libos": self.los.stats(),
         }
