@@ -336,8 +336,11 @@ class VnicLibOS(PollingRuntime):
         stack = self.stack
         if streams is None or stack is None:
             return
-        streams.touched()
-        streams.poll(now)
+        streams.touched()  # the next poll runs in full: timers, events, writers
+        # Only the connections the application wrote to (the layer's dirty set), not a
+        # whole poll: a server pushes once per request, and the poll's timer and event
+        # passes would run once per request too.
+        streams.tcp.flush(now)
         self._send_segments(now)
         self._flush()
 

@@ -184,18 +184,19 @@ class VnicStreams:
         table = self.table
         if conn is None or stream.connecting:
             raise LibOSError(f"queue {qd} is not connected")
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the caller may change its buffer once push returns
         taken = 0
         if not stream.unsent:
             try:
-                taken = conn.send(view)
+                taken = conn.send(data)
             except OSError:
                 table.counters.push_failed += 1
                 return table.completed(Opcode.FAILED, qd, error=_close_error(conn))
             self._stale = True
-            if taken == len(view):
-                table.counters.pushed += 1
-                return table.completed(Opcode.PUSH, qd)
+            if taken == len(data):
+                return table.push_done(qd)
+        view = memoryview(data)
         if len(stream.unsent) >= MAX_PENDING_SENDS:
             table.counters.push_failed += 1
             return table.completed(Opcode.FAILED, qd, error="send queue full")
