@@ -360,3 +360,20 @@ def sanitized_vfast_env() -> dict[str, str]:
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     env.pop("ARRAKIS_PURE", None)
     return env
+
+
+def run_sanitized_pytest(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``pytest -q ARGS`` in a child with ``env`` (a sanitizer build preloaded); fails the
+    calling test with the child's output unless it passed.
+
+    ``--noconftest``: the suite's session hooks run system tools, which must not inherit the
+    libasan preload (they hang under it); the modules run this way need no fixture from
+    there. ``-o addopts=``: no durations table in the output that is searched.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", *args, "-o", "addopts="],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import sanitized_vfast_env
+from tests.helpers import run_sanitized_pytest, sanitized_vfast_env
 from vdev import layout
 from vdev.fast.mirror import FastPath
 from vdev.ring import DriverRing
@@ -393,14 +393,7 @@ def test_unmap_between_bursts_leaves_no_export() -> None:
 def test_sanitized_build_passes_the_differential_test() -> None:
     """The same differential and hostile-input tests against the ASan/UBSan build."""
     env = dict(sanitized_vfast_env(), DEVFAST_EXAMPLES="60")
-    result = subprocess.run(
-        # --noconftest: the suite's session hooks run system tools, which must not inherit
-        # the libasan preload; this module needs no fixture from there.
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__,
-         "-k", "not sanitized", "-o", "addopts="],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    run_sanitized_pytest(env, __file__, "-k", "not sanitized")
     assert "_vfast_asan" in subprocess.run(
         [sys.executable, "-c", "import vdev.fast as f; print(f.load_module().__name__)"],
         cwd=REPO, env=env, capture_output=True, text=True,

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from libos import fast
 from libos.net.tcp import TcpConfig, TcpState
+from tests.helpers import run_sanitized_pytest
 from tools.tcp_worlds import PEER_IP, PEER_PORT, PORT, World, frame, layer_state, snapshot
 from vdev.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
@@ -353,14 +354,7 @@ def test_sanitized_build_passes_the_differential_test() -> None:
     env = dict(os.environ, ARRAKIS_FAST_SANITIZE="1", LD_PRELOAD=libasan, TCPDIFF_EXAMPLES="100",
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     env.pop("ARRAKIS_PURE", None)
-    result = subprocess.run(
-        # --noconftest: the suite's session hooks run system tools, which must not inherit
-        # the libasan preload (they hang under it); this module needs no fixture from there.
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__,
-         "-k", "not sanitized", "-o", "addopts="],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result = run_sanitized_pytest(env, __file__, "-k", "not sanitized", timeout=900)
     assert "passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
     loaded = subprocess.run(
         [sys.executable, "-c", "import libos.fast as f; print(f.compiled()[1])"],

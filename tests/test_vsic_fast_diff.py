@@ -32,7 +32,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import sanitized_vfast_env
+from tests.helpers import run_sanitized_pytest, sanitized_vfast_env
 from vdev import layout
 from vdev.fast.vsic_mirror import REQ_WORDS, VsicFastCheck
 from vdev.ring import DriverRing
@@ -416,14 +416,7 @@ def test_unmap_refreshes_the_mirror() -> None:
 def test_sanitized_build_passes_the_vsic_differential_test() -> None:
     """The same differential and hostile-input tests against the ASan/UBSan build."""
     env = dict(sanitized_vfast_env(), VSICFAST_EXAMPLES="60")
-    result = subprocess.run(
-        # --noconftest: the suite's session hooks run system tools, which must not inherit
-        # the libasan preload; this module needs no fixture from there.
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__,
-         "-k", "not sanitized", "-o", "addopts="],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    run_sanitized_pytest(env, __file__, "-k", "not sanitized")
     assert "_vfast_asan" in subprocess.run(
         [sys.executable, "-c", "import vdev.fast.vsic_mirror as m; print(m.VsicFastCheck().module_name)"],
         cwd=REPO, env=env, capture_output=True, text=True,
@@ -435,9 +428,4 @@ def test_sanitized_build_passes_the_vsic_and_malicious_app_tests() -> None:
     device host process, random descriptors, bad ring set-ups) on the ASan/UBSan build: the
     host processes they start inherit the environment, so their checks run in it too."""
     env = sanitized_vfast_env()
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
-         str(REPO / "tests" / "test_vsic.py"), str(REPO / "tests" / "test_vsic_malicious.py"), "-o", "addopts="],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    run_sanitized_pytest(env, str(REPO / "tests" / "test_vsic.py"), str(REPO / "tests" / "test_vsic_malicious.py"))
