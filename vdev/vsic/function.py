@@ -288,10 +288,7 @@ class VsicFunction(DeviceFunction):
             done += 1
             if status != layout.DESC_OK:
                 errors += 1
-        if done:
-            ring.advance(done, errors)
-            self.counters.error_completions += errors
-            self._completed.add(queue)
+        self._finish_batch(queue, ring, done, errors)
         return done, wait
 
     def _process_compiled(
@@ -348,11 +345,15 @@ class VsicFunction(DeviceFunction):
                 done += 1
                 if status != layout.DESC_OK:
                     errors += 1
+        self._finish_batch(queue, ring, done, errors)
+        return done, wait
+
+    def _finish_batch(self, queue: int, ring: DeviceRing, done: int, errors: int) -> None:
+        """Publish ``done`` completions (``errors`` of them failures) of ``queue``."""
         if done:
             ring.advance(done, errors)
             self.counters.error_completions += errors
             self._completed.add(queue)
-        return done, wait
 
     def _count_refusal(self, status: int) -> None:
         """The counter ``_check`` moves when it refuses a request with ``status``."""
