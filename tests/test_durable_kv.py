@@ -24,7 +24,7 @@ from tests.helpers import App, run_in_netns
 pytestmark = pytest.mark.root
 
 CLIENTS = 16
-ROUNDS = 14  # random kill times over 14 rounds; each round costs the writers' 2 s and a restart
+ROUNDS = 10  # random kill times over 10 rounds; each round costs the writers' 2 s and a restart
 
 
 def command(*args: bytes) -> bytes:
