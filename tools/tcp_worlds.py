@@ -124,7 +124,7 @@ class World:
             self.stack.tcp_writer = self.nic.transmit_tcp
             self.stack.tcp_input_verified = self._verified_input
             self.tcp.direct_send = self.stack.send_tcp
-            self.tcp.direct_fields = self.stack.send_tcp_fields
+            self.tcp.direct_fields = self.stack.write_tcp
         self.conn: TcpConnection | None = None
 
     def _ip_input(self, packet: Ipv4Packet, raw: bytes, now: float) -> None:

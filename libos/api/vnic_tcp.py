@@ -104,7 +104,7 @@ class VnicStreams:
             stack.tcp_writer = driver.transmit_tcp
             stack.tcp_input_verified = self._verified_input
             self.tcp.direct_send = stack.send_tcp
-            self.tcp.direct_fields = stack.send_tcp_fields
+            self.tcp.direct_fields = stack.write_tcp
 
     def _verified_input(self, src_ip: bytes, dst_ip: bytes, frame: bytes, end: int, now: float) -> None:
         self._stale = True

@@ -200,7 +200,7 @@ class NetStack:
         """
         if segment.urgent == 0:
             options = segment.options
-            written = self._write_tcp(
+            written = self.write_tcp(
                 dst_ip, segment.src_port, segment.dst_port, segment.seq, segment.ack, segment.flags,
                 segment.window, b"" if options is NO_OPTIONS else options.encode(), segment.payload, now,
             )  # fmt: skip
@@ -208,27 +208,7 @@ class NetStack:
                 return written
         return self.send_ip(dst_ip, ipv4.PROTO_TCP, segment.emit(self.ip, dst_ip), now)
 
-    def send_tcp_fields(
-        self,
-        dst_ip: bytes,
-        src_port: int,
-        dst_port: int,
-        seq: int,
-        ack: int,
-        flags: int,
-        window: int,
-        payload: bytes | memoryview,
-        now: float,
-    ) -> bool:
-        """``send_tcp`` for a segment without options or urgent data, given as its header
-        fields: on the compiled path no segment object is made at all."""
-        written = self._write_tcp(dst_ip, src_port, dst_port, seq, ack, flags, window, b"", payload, now)
-        if written is not None:
-            return written
-        segment = TcpSegment(src_port, dst_port, seq, ack, flags, window, payload)
-        return self.send_ip(dst_ip, ipv4.PROTO_TCP, segment.emit(self.ip, dst_ip), now)
-
-    def _write_tcp(
+    def write_tcp(
         self,
         dst_ip: bytes,
         src_port: int,
@@ -242,7 +222,8 @@ class NetStack:
         now: float,
     ) -> bool | None:
         """The compiled writer's part of ``send_tcp``: True if the frame was posted, False
-        if there is no route (counted), None when the general path must take it."""
+        if there is no route (counted), None when the general path must take it. The TCP
+        layer also calls it directly for segments it has only as header fields."""
         writer = self.tcp_writer
         if writer is None or self.outbox:
             return None

@@ -36,9 +36,9 @@ from libos.net.tcp.types import TcpConfig, TcpCounters, TcpEvent, TcpState
 from vdev.wire.errors import ChecksumError, TruncatedError, WireError
 from vdev.wire.tcp import ACK, RST, SYN, TcpSegment
 
-# (remote IP, source port, destination port, seq, ack, flags, window, payload, now) ->
-# True if the segment left; NetStack.send_tcp_fields.
-FieldsSender = Callable[[bytes, int, int, int, int, int, int, "bytes | memoryview", float], bool]
+# (remote IP, source port, destination port, seq, ack, flags, window, options, payload,
+# now) -> True if the frame was posted, False or None if not: NetStack.write_tcp.
+FieldsSender = Callable[[bytes, int, int, int, int, int, int, bytes, "bytes | memoryview", float], "bool | None"]
 
 # RFC 6056 recommends the whole range above 1023; we keep to the IANA dynamic range.
 EPHEMERAL_PORTS: Final = range(49152, 65536)
@@ -364,7 +364,7 @@ class TcpLayer:
         self.counters.segments_out += 1
         direct = self.direct_fields
         if direct is not None and not self.outbox and direct(
-            remote_ip, src_port, dst_port, seq, ack, flags, window, payload, self._last_now
+            remote_ip, src_port, dst_port, seq, ack, flags, window, b"", payload, self._last_now
         ):
             return
         segment = TcpSegment(src_port, dst_port, seq, ack, flags, window, payload)
