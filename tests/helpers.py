@@ -362,6 +362,29 @@ def sanitized_vfast_env() -> dict[str, str]:
     return env
 
 
+def module_loaded(env: dict[str, str], expression: str, import_line: str) -> str:
+    """What ``print(EXPRESSION)`` shows after ``IMPORT_LINE`` in a child with ``env``: which
+    compiled module the code would really use there."""
+    repo = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-c", f"{import_line}; print({expression})"],
+                          cwd=repo, env=env, capture_output=True, text=True).stdout
+
+
+def scattered_extents(draw: Any, max_extent: int, max_gap: int) -> list[tuple[int, int]]:
+    """For hypothesis: 1..6 disjoint (start, blocks) extents of a store, with gaps of up to
+    ``max_gap`` blocks between them, in any order (a VSA's order need not be the store's)."""
+    from hypothesis import strategies as st
+
+    sizes = draw(st.lists(st.integers(1, max_extent), min_size=1, max_size=6))
+    gaps = draw(st.lists(st.integers(0, max_gap), min_size=len(sizes), max_size=len(sizes)))
+    extents, position = [], 0
+    for size, gap in zip(sizes, gaps):
+        position += gap
+        extents.append((position, size))
+        position += size
+    return list(draw(st.permutations(extents)))
+
+
 def run_sanitized_pytest(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """``pytest -q ARGS`` in a child with ``env`` (a sanitizer build preloaded); fails the
     calling test with the child's output unless it passed.

@@ -17,15 +17,13 @@ import fcntl
 import mmap
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import run_sanitized_pytest, sanitized_vfast_env
+from tests.helpers import module_loaded, run_sanitized_pytest, sanitized_vfast_env
 from vdev import layout
 from vdev.fast.mirror import FastPath
 from vdev.ring import DriverRing
@@ -394,10 +392,7 @@ def test_sanitized_build_passes_the_differential_test() -> None:
     """The same differential and hostile-input tests against the ASan/UBSan build."""
     env = dict(sanitized_vfast_env(), DEVFAST_EXAMPLES="60")
     run_sanitized_pytest(env, __file__, "-k", "not sanitized")
-    assert "_vfast_asan" in subprocess.run(
-        [sys.executable, "-c", "import vdev.fast as f; print(f.load_module().__name__)"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    ).stdout
+    assert "_vfast_asan" in module_loaded(env, "f.load_module().__name__", "import vdev.fast as f")
 
 
 def test_rss_spread_takes_the_compiled_path_and_matches_the_model() -> None:

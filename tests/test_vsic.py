@@ -28,6 +28,7 @@ from libos.driver.vsic import IOVA_BASE, Completion, RingFull, VsicDriver, VsicD
 from libos.storage.blockdev import BlockDeviceError
 from libos.storage.log import PersistentLog
 from libos.storage.vsic_blockdev import VsicBlockDevice, VsicIoError
+from tests.helpers import scattered_extents
 from vdev import layout, mgmt
 from vdev.ring import DriverRing
 from vdev.vsic.device import BackingStore, VsicDevice
@@ -331,15 +332,8 @@ def test_vsa_translates_across_extents() -> None:
 
 @st.composite
 def _extents_and_range(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int, int]:
-    sizes = draw(st.lists(st.integers(1, 6), min_size=1, max_size=6))
-    gaps = draw(st.lists(st.integers(0, 4), min_size=len(sizes), max_size=len(sizes)))
-    extents, position = [], 0
-    for size, gap in zip(sizes, gaps):
-        position += gap
-        extents.append((position, size))
-        position += size
-    extents = draw(st.permutations(extents))
-    capacity = sum(sizes)
+    extents = scattered_extents(draw, 6, 4)
+    capacity = sum(size for _, size in extents)
     start = draw(st.integers(0, capacity - 1))
     count = draw(st.integers(1, capacity - start))
     return list(extents), start, count

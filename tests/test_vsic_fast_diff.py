@@ -23,8 +23,6 @@ import fcntl
 import mmap
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import run_sanitized_pytest, sanitized_vfast_env
+from tests.helpers import module_loaded, run_sanitized_pytest, sanitized_vfast_env, scattered_extents
 from vdev import layout
 from vdev.fast.vsic_mirror import REQ_WORDS, VsicFastCheck
 from vdev.ring import DriverRing
@@ -167,15 +165,7 @@ class World:
 @st.composite
 def vsas(draw: st.DrawFn) -> tuple[list[tuple[int, int]], bool]:
     """1..6 disjoint extents of the store, in any VSA order, read-only or not."""
-    sizes = draw(st.lists(st.integers(1, 12), min_size=1, max_size=6))
-    gaps = draw(st.lists(st.integers(0, 3), min_size=len(sizes), max_size=len(sizes)))
-    extents, position = [], 0
-    for size, gap in zip(sizes, gaps):
-        position += gap
-        extents.append((position, size))
-        position += size
-    order = draw(st.permutations(range(len(extents))))
-    return [extents[i] for i in order], draw(st.booleans())
+    return scattered_extents(draw, 12, 3), draw(st.booleans())
 
 
 blocks = st.one_of(st.integers(0, 70), st.sampled_from([U64, U64 - 1, U64 - 255, 1 << 63, (1 << 32) + 1]))
@@ -417,10 +407,7 @@ def test_sanitized_build_passes_the_vsic_differential_test() -> None:
     """The same differential and hostile-input tests against the ASan/UBSan build."""
     env = dict(sanitized_vfast_env(), VSICFAST_EXAMPLES="60")
     run_sanitized_pytest(env, __file__, "-k", "not sanitized")
-    assert "_vfast_asan" in subprocess.run(
-        [sys.executable, "-c", "import vdev.fast.vsic_mirror as m; print(m.VsicFastCheck().module_name)"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    ).stdout
+    assert "_vfast_asan" in module_loaded(env, "m.VsicFastCheck().module_name", "import vdev.fast.vsic_mirror as m")
 
 
 def test_sanitized_build_passes_the_vsic_and_malicious_app_tests() -> None:
